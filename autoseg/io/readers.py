@@ -1,0 +1,171 @@
+"""Reading and writing images and labels (NIfTI, MHA, NRRD) with exact geometry.
+
+SimpleITK reads every supported format. NIfTI files that SimpleITK refuses (most often a
+non-orthonormal direction matrix from a sloppy converter) are read again with nibabel.
+Arrays come back in autoseg's (z, y, x) order; channels are stacked first: (c, z, y, x).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.errors import ImageReadError
+from autoseg.io.geometry import Geometry, geometry_from_affine
+
+SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def file_ending(path: str | Path) -> str:
+    """The supported ending of `path` ('.nii.gz', '.mha', ...), or '' when unsupported."""
+    name = Path(path).name.lower()
+    return next((e for e in SUPPORTED_ENDINGS if name.endswith(e)), "")
+
+
+def read_header(path: str | Path) -> tuple[Geometry, int]:
+    """Geometry and number of pixel components, without reading the voxels."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    _require_file(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        array, geometry, components = read_array(path)
+        return geometry, components
+    size = reader.GetSize()
+    if len(size) not in (2, 3):
+        raise _dimension_error(path, len(size))
+    geometry = Geometry(
+        shape=tuple(int(s) for s in reversed(size)) if len(size) == 3 else (1, size[1], size[0]),
+        file_spacing=tuple(float(s) for s in reader.GetSpacing()),
+        origin=tuple(float(o) for o in reader.GetOrigin()),
+        direction=tuple(float(d) for d in reader.GetDirection()),
+    )
+    return geometry, int(reader.GetNumberOfComponents())
+
+
+def read_array(path: str | Path) -> tuple[np.ndarray, Geometry, int]:
+    """Voxels in (z, y, x) order (a trailing component axis for vector pixels), geometry, components."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    _require_file(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        if file_ending(path) in (".nii", ".nii.gz"):
+            return _read_nibabel(path, err)
+        raise ImageReadError(
+            f"cannot read the file ({_first_line(err)})",
+            path=path,
+            hint="check that it is a complete, uncorrupted image; try opening it in ITK-SNAP or 3D Slicer",
+        ) from err
+    if image.GetDimension() not in (2, 3):
+        raise _dimension_error(path, image.GetDimension())
+    array = sitk.GetArrayFromImage(image)
+    components = int(image.GetNumberOfComponentsPerPixel())
+    if image.GetDimension() == 2:
+        array = array[None]
+    return array, Geometry.from_sitk(image), components
+
+
+def _read_nibabel(path: Path, sitk_error: Exception) -> tuple[np.ndarray, Geometry, int]:
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except Exception as err:
+        raise ImageReadError(
+            f"cannot read the file (SimpleITK: {_first_line(sitk_error)}; nibabel: {_first_line(err)})",
+            path=path,
+            hint="check that it is a complete, uncorrupted NIfTI file",
+        ) from err
+    if data.ndim != 3:
+        raise _dimension_error(path, data.ndim)
+    geometry = geometry_from_affine(image.affine, data.shape)
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), geometry, 1
+
+
+def read_images(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
+    """Read the channel files of one case into a float32 array (c, z, y, x) and its geometry."""
+    arrays, geometries = [], []
+    for path in paths:
+        array, geometry, components = read_array(path)
+        if components != 1:
+            raise ImageReadError(
+                f"image has {components} components per voxel (RGB or vector image)",
+                path=path,
+                hint="store each channel as its own file (CASE_0000, CASE_0001, ...)",
+            )
+        arrays.append(array.astype(np.float32, copy=False))
+        geometries.append(geometry)
+    for path, array in zip(paths[1:], arrays[1:]):
+        if array.shape != arrays[0].shape:
+            raise ImageReadError(
+                f"channel shape {array.shape} differs from the first channel's {arrays[0].shape}",
+                path=path,
+                hint="all channels of a case must be on the same voxel grid; resample them first",
+            )
+    return np.stack(arrays), geometries[0]
+
+
+def read_label(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read a label map as integers (z, y, x); float files holding whole numbers are cast."""
+    array, geometry, components = read_array(path)
+    if components != 1:
+        raise ImageReadError(
+            f"label file has {components} components per voxel (an RGB image?)",
+            path=path,
+            hint="save labels as a single-component integer image with values 0, 1, 2, ...",
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise ImageReadError(
+                "label file holds non-integer values",
+                path=path,
+                hint="labels must be whole numbers 0, 1, 2, ...; was an image saved as the label?",
+            )
+        array = array.astype(np.int16)
+    return array, geometry
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:
+    """Write one (z, y, x) array with `geometry`; the format follows the file ending."""
+    import SimpleITK as sitk
+
+    if geometry.dim == 2:
+        array = array[0]
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    geometry.apply_to(image)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def write_label(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:
+    """Write a label map as uint8 (uint16 when labels exceed 255) with `geometry`."""
+    dtype = np.uint8 if int(array.max(initial=0)) < 256 else np.uint16
+    write_image(array.astype(dtype), geometry, path)
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise ImageReadError("file not found", path=path, hint="check the path and file name")
+
+
+def _dimension_error(path: str | Path, dim: int) -> ImageReadError:
+    return ImageReadError(
+        f"image has {dim} dimensions; autoseg reads 2D and 3D images",
+        path=path,
+        hint="split 4D files into one 3D file per channel (CASE_0000, CASE_0001, ...)",
+    )
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(err).__name__
