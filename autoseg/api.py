@@ -1,0 +1,91 @@
+"""The Python API: one function per command, each taking and returning typed contracts.
+
+The CLI is a thin layer over these; scripts and notebooks call them directly.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from autoseg.dataset.contract import Dataset, Problem
+from autoseg.fingerprint.contract import Fingerprint
+from autoseg.log import get_logger
+from autoseg.paths import DatasetLocation, resolve_dataset
+from autoseg.planning.contract import Plans
+from autoseg.serialization import load_contract, save_contract
+
+log = get_logger("api")
+
+FINGERPRINT_FILE = "fingerprint.json"
+PLANS_FILE = "plans.json"
+
+
+def example_dataset(
+    out: str | Path, *, n_cases: int = 6, modality: str = "ct", anisotropic: bool = False,
+    seed: int = 0, size: int = 64,
+) -> Path:
+    """Write the synthetic example dataset (nnU-Net raw layout) to `out` and return its folder."""
+    from autoseg.dataset.synthetic import make_example_dataset
+
+    return make_example_dataset(out, n_cases=n_cases, modality=modality, anisotropic=anisotropic,
+                                seed=seed, size=size)
+
+
+def check(dataset: str | Path, *, workers: int = 1) -> list[Problem]:
+    """Every problem of a raw dataset (errors and warnings); an empty list means clean."""
+    from autoseg.dataset.check import check_dataset
+
+    return check_dataset(resolve_dataset(dataset).raw, workers=workers)
+
+
+def load(dataset: str | Path) -> Dataset:
+    """Parse a raw dataset (strict: raises DatasetError on structural problems)."""
+    from autoseg.dataset.load import load_dataset
+
+    return load_dataset(resolve_dataset(dataset).raw)
+
+
+def fingerprint(dataset: str | Path, *, workers: int = 1, force: bool = False) -> Fingerprint:
+    """The dataset's fingerprint, from cache unless the raw files changed or `force` is set."""
+    from autoseg.fingerprint import dataset_hash, extract_fingerprint
+
+    location = resolve_dataset(dataset)
+    parsed = load(location.raw)
+    cache = location.preprocessed / FINGERPRINT_FILE
+    if cache.is_file() and not force:
+        cached = load_contract(cache, Fingerprint, rerun=f"autoseg fingerprint {dataset} --force")
+        if cached.source_hash == dataset_hash(parsed):
+            log.info("fingerprint is up to date: %s", cache)
+            return cached
+        log.info("the raw dataset changed since the cached fingerprint: recomputing")
+    result = extract_fingerprint(parsed, workers=workers)
+    save_contract(cache, result)
+    log.info("wrote %s", cache)
+    return result
+
+
+def plan(
+    dataset: str | Path, *, memory_budget_gb: float = 8.0, workers: int = 1, force: bool = False
+) -> Plans:
+    """Plan every configuration for `dataset` and write plans.json beside the fingerprint."""
+    from autoseg.planning import plan as make_plans
+
+    location = resolve_dataset(dataset)
+    parsed = load(location.raw)
+    result = make_plans(fingerprint(location.raw, workers=workers, force=force), parsed,
+                        memory_budget_gb=memory_budget_gb)
+    save_contract(plans_path(location), result)
+    shutil.copyfile(Path(parsed.root) / "dataset.json", location.preprocessed / "dataset.json")
+    log.info("wrote %s", plans_path(location))
+    return result
+
+
+def plans_path(location: DatasetLocation) -> Path:
+    return location.preprocessed / PLANS_FILE
+
+
+def load_plans(dataset: str | Path) -> Plans:
+    """Read the plans written by `plan`."""
+    location = resolve_dataset(dataset)
+    return load_contract(plans_path(location), Plans, rerun=f"autoseg plan {dataset}")

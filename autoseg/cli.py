@@ -1,0 +1,177 @@
+"""The `autoseg` command line: a thin typer layer over `autoseg.api`.
+
+Every command resolves DATASET the same way (numeric id, DatasetXXX_Name under the raw root,
+or a path), prints user mistakes as two lines (what is wrong, how to fix it) with exit code 2,
+and shows the traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from autoseg import __version__
+from autoseg.errors import AutosegError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="autoseg",
+    help=(
+        "Self-configuring U-Net segmentation for medical volumes.\n\n"
+        "Typical flow: autoseg example-dataset -> autoseg check 900 -> autoseg plan 900.\n"
+        "DATASET is a numeric id (900), a folder name under $AUTOSEG_RAW (Dataset900_Example) "
+        "or a path to a raw dataset folder. Paths: AUTOSEG_RAW / AUTOSEG_PREPROCESSED / "
+        "AUTOSEG_RESULTS (nnU-Net's nnUNet_* variables work too); default ./autoseg_data/."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DatasetArg = Annotated[str, typer.Argument(help="Dataset id (4), name (Dataset004_Hippocampus) or folder path.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel worker processes.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute the fingerprint even if cached.")]
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def guarded(func: F) -> F:
+    """Turn AutosegError into a two-line message and exit code 2 (traceback with --debug).
+
+    Commands take `ctx: typer.Context` as a keyword so the wrapper can read --debug.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except AutosegError as err:
+            context = kwargs.get("ctx")
+            if isinstance(context, typer.Context) and (context.find_root().obj or {}).get("debug"):
+                raise
+            where = f"{err.path}: " if err.path else ""
+            console = _console(stderr=True)
+            console.print(f"[bold red]error:[/] {where}{err.message}", soft_wrap=True)
+            if err.hint:
+                console.print(f"[bold]fix:[/] {err.hint}", soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"autoseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Options for every command."""
+    from autoseg.log import configure
+
+    configure(verbosity=1 if verbose else 0)
+    ctx.obj = {"debug": debug}
+
+
+@app.command("example-dataset")
+@guarded
+def example_dataset_command(
+    ctx: typer.Context,
+    out: Annotated[Path | None, typer.Argument(help="Folder to create; default <raw root>/Dataset900_Example.")] = None,
+    cases: Annotated[int, typer.Option("--cases", min=2, help="Number of labelled cases.")] = 6,
+    modality: Annotated[str, typer.Option("--modality", help="ct or mri.")] = "ct",
+    anisotropic: Annotated[bool, typer.Option("--anisotropic", help="Thick slices (~0.7x0.7x4.5 mm).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same dataset.")] = 0,
+    size: Annotated[int, typer.Option("--size", min=16, help="Approximate edge length in voxels.")] = 64,
+) -> None:
+    """Write a small synthetic labelled dataset (nnU-Net raw layout): autoseg's built-in example."""
+    from autoseg import api
+    from autoseg.paths import data_root
+
+    target = out if out is not None else data_root("raw") / "Dataset900_Example"
+    folder = api.example_dataset(target, n_cases=cases, modality=modality, anisotropic=anisotropic,
+                                 seed=seed, size=size)
+    _console().print(f"wrote {cases} {modality.upper()} cases to {folder}")
+
+
+@app.command("check")
+@guarded
+def check_command(ctx: typer.Context, dataset: DatasetArg, workers: WorkersOpt = 2) -> None:
+    """Check a raw dataset and report every problem at once (file, fault, fix). Never modifies files."""
+    from autoseg import api
+    from autoseg.paths import resolve_dataset
+
+    location = resolve_dataset(dataset)
+    problems = api.check(location.raw, workers=workers)
+    console = _console()
+    for problem in problems:
+        colour = "red" if problem.severity == "error" else "yellow"
+        console.print(f"[{colour}]{problem.severity}[/] {problem.path}: {problem.fault}\n"
+                      f"      fix: {problem.fix}", soft_wrap=True)
+    errors = sum(p.severity == "error" for p in problems)
+    warnings = len(problems) - errors
+    if errors:
+        console.print(f"[bold red]{location.name}: {errors} error(s), {warnings} warning(s)[/]")
+        raise typer.Exit(1)
+    n_cases = len(api.load(location.raw).cases)
+    console.print(f"[bold green]{location.name}: OK[/] - {n_cases} cases, {warnings} warning(s)")
+
+
+@app.command("fingerprint")
+@guarded
+def fingerprint_command(
+    ctx: typer.Context, dataset: DatasetArg, workers: WorkersOpt = 2, force: ForceOpt = False
+) -> None:
+    """Extract (or reuse) the dataset fingerprint: spacings, shapes, foreground intensities."""
+    from autoseg import api
+    from autoseg.cli_tables import fingerprint_table
+
+    result = api.fingerprint(dataset, workers=workers, force=force)
+    _console().print(fingerprint_table(result))
+
+
+@app.command("plan")
+@guarded
+def plan_command(
+    ctx: typer.Context,
+    dataset: DatasetArg,
+    gpu_memory_gb: Annotated[float, typer.Option("--gpu-memory-gb", min=1.0,
+                                                 help="GPU memory budget for training, GiB.")] = 8.0,
+    workers: WorkersOpt = 2,
+    force: ForceOpt = False,
+) -> None:
+    """Plan the 2d / 3d_fullres (/ 3d_lowres / 3d_cascade_fullres) configurations and write plans.json."""
+    from autoseg import api
+    from autoseg.cli_tables import plans_table
+    from autoseg.paths import resolve_dataset
+
+    plans = api.plan(dataset, memory_budget_gb=gpu_memory_gb, workers=workers, force=force)
+    console = _console()
+    table, notes = plans_table(plans)
+    console.print(table)
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+    console.print(f"wrote {api.plans_path(resolve_dataset(dataset))}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())

@@ -1,0 +1,54 @@
+"""Rich tables for the command line (presentation only; the numbers come from the stages)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from autoseg.fingerprint.contract import Fingerprint
+from autoseg.planning.contract import Plans
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (tuple, list)):
+        return "x".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def fingerprint_table(fp: Fingerprint) -> Table:
+    """Dataset geometry (median, min, max) and per-channel foreground intensities."""
+    table = Table(title=f"{fp.dataset_name}: {len(fp.cases)} cases", title_justify="left")
+    for column in ("", "median", "min", "max"):
+        table.add_column(column)
+    spacings = np.asarray(fp.spacings)
+    shapes = np.asarray(fp.shapes_after_crop)
+    for name, values in (("spacing (z,y,x) mm", spacings), ("shape after crop", shapes)):
+        stats = (np.median(values, 0), values.min(0), values.max(0))
+        table.add_row(name, *(_fmt(tuple(round(float(v), 3) for v in s)) for s in stats))
+    table.add_row("kept after crop", _fmt(fp.median_relative_size_after_crop), "", "")
+    for channel, stats in zip(fp.channel_names, fp.intensity):
+        table.add_row(f"{channel} foreground", _fmt(stats.median), _fmt(stats.min), _fmt(stats.max))
+        table.add_row(f"{channel} mean / std", _fmt(stats.mean), _fmt(stats.std), "")
+        table.add_row(f"{channel} p0.5 / p99.5", _fmt(stats.percentile_00_5), _fmt(stats.percentile_99_5), "")
+    return table
+
+
+def plans_table(plans: Plans) -> tuple[Table, list[str]]:
+    """One row per configuration, from `planning.summarize`; notes are returned separately."""
+    from autoseg.planning import summarize
+
+    rows = summarize(plans)
+    title = f"{plans.dataset_name}: plans for a {plans.memory_budget_gb:g} GiB GPU"
+    table = Table(title=title, title_justify="left")
+    columns = [key for key in rows[0] if key != "notes"] if rows else []
+    for column in columns:
+        table.add_column(column.replace("_", " "))
+    notes = []
+    for row in rows:
+        table.add_row(*(_fmt(row[c]) for c in columns))
+        notes += [f"{row.get('name', '')}: {note}" for note in row.get("notes", [])]
+    return table, notes
