@@ -23,13 +23,13 @@ PLANS_FILE = "plans.json"
 
 def example_dataset(
     out: str | Path, *, n_cases: int = 6, modality: str = "ct", anisotropic: bool = False,
-    seed: int = 0, size: int = 64,
+    seed: int = 0, size: int = 64, overwrite: bool = False,
 ) -> Path:
     """Write the synthetic example dataset (nnU-Net raw layout) to `out` and return its folder."""
     from autoseg.dataset.synthetic import make_example_dataset
 
     return make_example_dataset(out, n_cases=n_cases, modality=modality, anisotropic=anisotropic,
-                                seed=seed, size=size)
+                                seed=seed, size=size, overwrite=overwrite)
 
 
 def check(dataset: str | Path, *, workers: int = 1) -> list[Problem]:

@@ -101,6 +101,7 @@ def example_dataset_command(
     anisotropic: Annotated[bool, typer.Option("--anisotropic", help="Thick slices (~0.7x0.7x4.5 mm).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same dataset.")] = 0,
     size: Annotated[int, typer.Option("--size", min=16, help="Approximate edge length in voxels.")] = 64,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset there.")] = False,
 ) -> None:
     """Write a small synthetic labelled dataset (nnU-Net raw layout): autoseg's built-in example."""
     from autoseg import api
@@ -108,7 +109,7 @@ def example_dataset_command(
 
     target = out if out is not None else data_root("raw") / "Dataset900_Example"
     folder = api.example_dataset(target, n_cases=cases, modality=modality, anisotropic=anisotropic,
-                                 seed=seed, size=size)
+                                 seed=seed, size=size, overwrite=overwrite)
     _console().print(f"wrote {cases} {modality.upper()} cases to {folder}")
 
 

@@ -108,3 +108,12 @@ def test_real_dataset_fingerprint(real_dataset: Path) -> None:
     assert tuple(median) == (36, 50, 35)
     stats = fingerprint.intensity[0]
     assert stats.min <= stats.percentile_00_5 <= stats.median <= stats.percentile_99_5 <= stats.max
+
+
+def test_label_of_another_shape_is_a_clear_error(constructed: Dataset) -> None:
+    from autoseg.errors import DatasetError
+
+    broken = Case("a", constructed.cases[0].images, constructed.cases[1].label)
+    with pytest.raises(DatasetError, match="label shape") as err:
+        analyse_case(broken, samples=10)
+    assert "autoseg check" in err.value.hint

@@ -110,3 +110,17 @@ def test_channels_of_different_shape_are_refused(tmp_path: Path) -> None:
 def test_file_ending() -> None:
     assert file_ending("x/CASE_0000.NII.GZ") == ".nii.gz"
     assert file_ending("a.mha") == ".mha" and file_ending("a.png") == ""
+
+
+def test_truncated_nifti_and_nan_voxels_are_not_hidden(tmp_path: Path) -> None:
+    array = np.random.default_rng(1).normal(size=(8, 9, 10)).astype(np.float32)
+    array[1, 2, 3] = np.nan
+    path = tmp_path / "img.nii.gz"
+    write_image(array, OBLIQUE, path)
+    images, _ = read_images([path])
+    assert np.isnan(images[0, 1, 2, 3])  # SimpleITK alone would return 0 here
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="cannot read") as err:
+        read_images([path])
+    assert "truncated" in err.value.hint

@@ -42,8 +42,7 @@ def check_dataset(root: str | Path, *, workers: int = 1) -> list[Problem]:
     dataset, problems = scan_dataset(root)
     if dataset is None:
         return problems
-    allowed = dataset.label_values
-    jobs = [(case, allowed) for case in dataset.cases]
+    jobs = [(case, dataset.label_values, dataset.ignore_label) for case in dataset.cases]
     description = f"checking {dataset.name}"
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
@@ -60,11 +59,16 @@ def check_dataset(root: str | Path, *, workers: int = 1) -> list[Problem]:
     return problems
 
 
-def check_case(case: Case, allowed: tuple[int, ...]) -> list[Problem]:
-    """Problems of one case: readability, shared voxel grid, label values, image values."""
+def check_case(case: Case, allowed: tuple[int, ...], ignore: int | None = None) -> list[Problem]:
+    """Problems of one case: readability, shared voxel grid, label values, image values.
+
+    `allowed` holds every value a label file may contain (Dataset.label_values); `ignore` is
+    the ignore label, which does not count as foreground. Missing files are skipped here:
+    `scan_dataset` reports them.
+    """
     problems: list[Problem] = []
     reference: tuple[str, Geometry] | None = None
-    for path in case.images:
+    for path in (p for p in case.images if Path(p).is_file()):
         geometry = _check_image(path, problems)
         if geometry is None:
             continue
@@ -72,25 +76,29 @@ def check_case(case: Case, allowed: tuple[int, ...]) -> list[Problem]:
             reference = (path, geometry)
         else:
             problems.extend(compare_geometry(geometry, path, *reference, what="channel"))
-    if case.label is not None:
-        geometry = _check_label(case.label, allowed, problems)
+    if case.label is not None and Path(case.label).is_file():
+        geometry = _check_label(case.label, allowed, ignore, problems)
         if geometry is not None and reference is not None:
             problems.extend(compare_geometry(geometry, case.label, *reference, what="label"))
     return problems
 
 
-def _check_job(job: tuple[Case, tuple[int, ...]]) -> list[Problem]:
+def _check_job(job: tuple[Case, tuple[int, ...], int | None]) -> list[Problem]:
     return check_case(*job)
 
 
 def _read(path: str, problems: list[Problem]) -> tuple[np.ndarray, Geometry, int] | None:
+    """Voxels (z, y, x), geometry and pixel components of one file, or None after a Problem.
+
+    read_array reads NIfTI voxels with nibabel, so truncated files and NaN are seen here.
+    """
     try:
         return read_array(path)
     except ImageReadError as err:
         problems.append(Problem(path, err.message, err.hint or "replace the file"))
-    except (OSError, ValueError, MemoryError) as err:  # unexpected reader failures still name the file
-        problems.append(Problem(path, f"cannot read the file ({type(err).__name__}: {err})",
-                                "check that it is a complete, uncorrupted image"))
+    except Exception as err:  # any reader failure is a fault of this file, never a crash of the check
+        problems.append(Problem(path, f"cannot read the file ({type(err).__name__}: {_short_message(err)})",
+                                "the file is truncated or corrupt: export or download it again"))
     return None
 
 
@@ -101,13 +109,16 @@ def _check_image(path: str, problems: list[Problem]) -> Geometry | None:
         return None
     array, geometry, components = result
     if components != 1:
-        problems.append(Problem(path, f"image has {components} components per voxel ({_vector_kind(components)})",
-                                "store each channel as its own single-component file (CASE_0000, CASE_0001, ...)"))
+        problems.append(Problem(path, f"image has {components} components per voxel "
+                                f"({_vector_kind(components)})", "store each channel as its own "
+                                "single-component file (CASE_0000, CASE_0001, ...)"))
+        return geometry
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
         problems.append(Problem(path, f"image holds {n_nan} NaN and {n_inf} infinite voxel(s) "
                                 f"of {array.size}", "replace them with a valid value (e.g. the background "
-                                "intensity) when converting, e.g. numpy.nan_to_num"))
+                                "intensity) when converting, e.g. numpy.nan_to_num; note that "
+                                "SimpleITK silently reads NaN in NIfTI files as 0"))
     elif array.size and array.min() == array.max():
         problems.append(Problem(path, f"image is constant (every voxel is {array.flat[0]})",
                                 "check that the right file was exported; a blank image teaches nothing",
@@ -115,7 +126,8 @@ def _check_image(path: str, problems: list[Problem]) -> Geometry | None:
     return geometry
 
 
-def _check_label(path: str, allowed: tuple[int, ...], problems: list[Problem]) -> Geometry | None:
+def _check_label(path: str, allowed: tuple[int, ...], ignore: int | None,
+                 problems: list[Problem]) -> Geometry | None:
     """Read one label file; report vector pixels, non-integer and undeclared values."""
     result = _read(path, problems)
     if result is None:
@@ -136,7 +148,7 @@ def _check_label(path: str, allowed: tuple[int, ...], problems: list[Problem]) -
                                     "saved as the label"))
             return geometry
     values, counts = _value_counts(array)
-    problems.extend(_label_value_problems(path, values, counts, allowed))
+    problems.extend(_label_value_problems(path, values, counts, allowed, ignore))
     return geometry
 
 
@@ -166,13 +178,12 @@ def _value_counts(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values.astype(np.int64), counts
 
 
-def _label_value_problems(path: str, values: np.ndarray, counts: np.ndarray,
-                          allowed: tuple[int, ...]) -> list[Problem]:
+def _label_value_problems(path: str, values: np.ndarray, counts: np.ndarray, allowed: tuple[int, ...],
+                          ignore: int | None) -> list[Problem]:
     present = [int(v) for v in values]
     extra = [v for v in present if v not in allowed]
     if not extra:
-        foreground = [v for v in present if v != 0 and v != max(allowed, default=0) + 1 or v in allowed[1:2]]
-        if not [v for v in present if v != 0] or not foreground:
+        if not any(v not in (0, ignore) for v in present):
             return [Problem(path, "label file holds only background (0)",
                             "check that the right file was saved; an empty case teaches only background",
                             "warning")]
@@ -234,3 +245,8 @@ def _fmt(values: tuple[float, ...]) -> str:
 
 def _vector_kind(components: int) -> str:
     return "an RGB/RGBA colour image" if components in (3, 4) else "a vector image"
+
+
+def _short_message(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no message"

@@ -81,7 +81,8 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=keep_pairs)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        return None, [Problem(str(path), f"not valid JSON ({err})", "fix the syntax (python -m json.tool FILE)")]
+        return None, [Problem(str(path), f"not valid JSON ({err})",
+                              "fix the syntax (python -m json.tool FILE)")]
     if not isinstance(data, dict):
         return None, [Problem(str(path), "top level is not a JSON object", "see docs/dataset-format.md")]
     problems = [Problem(str(path), f"key {k!r} appears more than once (only the last counts)",
@@ -100,7 +101,8 @@ def _check_keys(raw: dict[str, Any], path: Path) -> list[Problem]:
             problems.append(Problem(str(path), f"required key {key!r} is missing",
                                     f"add \"{key}\" (see docs/dataset-format.md)"))
     if "labels" in raw and not isinstance(raw["labels"], dict):
-        problems.append(Problem(str(path), "'labels' is not an object", "write it as {\"background\": 0, ...}"))
+        problems.append(Problem(str(path), "'labels' is not an object",
+                                "write it as {\"background\": 0, ...}"))
     if "channel_names" in raw and not isinstance(raw["channel_names"], dict):
         problems.append(Problem(str(path), "'channel_names' is not an object", "write it as {\"0\": \"CT\"}"))
     return problems
@@ -145,7 +147,8 @@ def _label_values(value: Any) -> tuple[int, ...] | None:
     return tuple(items)
 
 
-def _check_label_values(labels: list[LabelDef], ignore: int | None, path: Path, problems: list[Problem]) -> None:
+def _check_label_values(labels: list[LabelDef], ignore: int | None, path: Path,
+                        problems: list[Problem]) -> None:
     plain = sorted(label.values[0] for label in labels if not label.is_region)
     if 0 not in plain:
         problems.append(Problem(str(path), "labels have no background (value 0)", "add \"background\": 0"))
@@ -161,7 +164,8 @@ def _discover_cases(root: Path, ending: str, n_channels: int, problems: list[Pro
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
-            problems.append(Problem(str(folder), "folder is missing", f"create {folder.name}/ with the case files"))
+            problems.append(Problem(str(folder), "folder is missing",
+                                    f"create {folder.name}/ with the case files"))
     if not images_dir.is_dir():
         return []
     pattern = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){re.escape(ending)}$")
@@ -201,7 +205,8 @@ def _make_case(case_id: str, found: dict[int, str], n_channels: int, labels_dir:
     return Case(case_id, images, str(label) if label.is_file() else None)
 
 
-def _report_case_collisions(channels: dict[str, dict[int, str]], folder: Path, problems: list[Problem]) -> None:
+def _report_case_collisions(channels: dict[str, dict[int, str]], folder: Path,
+                            problems: list[Problem]) -> None:
     by_lower: dict[str, list[str]] = defaultdict(list)
     for case_id in channels:
         by_lower[case_id.lower()].append(case_id)
@@ -221,8 +226,9 @@ def _report_orphan_labels(labels_dir: Path, case_ids: set[str], ending: str, pro
             problems.append(Problem(str(file), f"label file does not end with {ending}",
                                     f"convert it to {ending} or remove it"))
         elif file.name[: -len(ending)] not in case_ids:
+            case_id = file.name[: -len(ending)]
             problems.append(Problem(str(file), "label file has no image",
-                                    f"add imagesTr/{file.name[: -len(ending)]}_0000{ending}, or remove the label"))
+                                    f"add imagesTr/{case_id}_0000{ending}, or remove the label"))
 
 
 def _cases_from_mapping(mapping: Any, root: Path, problems: list[Problem]) -> list[Case]:

@@ -115,7 +115,7 @@ def _prepare_root(root: Path, *, overwrite: bool) -> None:
     existing = [p for p in ours if p.exists()]
     if existing and not overwrite:
         raise DatasetError("the folder already holds a dataset", path=root,
-                           hint="choose a new folder, or pass --overwrite to replace it")
+                           hint="choose another folder or delete this one (Python API: overwrite=True)")
     for path in existing:
         if path.is_dir():
             for file in path.iterdir():
@@ -164,7 +164,7 @@ def _physical_grid(geometry: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """Open (broadcastable) z, y, x coordinates in mm relative to the volume centre."""
     spacing = geometry.array_spacing
     axes = []
-    for axis, (n, s) in enumerate(zip(geometry.shape, spacing)):
+    for axis, (n, s) in enumerate(zip(geometry.shape, spacing, strict=True)):
         coords = ((np.arange(n, dtype=np.float32) - (n - 1) / 2) * np.float32(s))
         shape = [1, 1, 1]
         shape[axis] = n
@@ -193,7 +193,8 @@ def _sample_anatomy(rng: np.random.Generator, geometry: Geometry) -> dict[str, d
 def _implicit(grid: tuple[np.ndarray, ...], rng: np.random.Generator, *, centre: np.ndarray,
               radii: np.ndarray, wobble: float, wavelength: float) -> np.ndarray:
     """Deformed ellipsoid as an implicit function: < 1 inside, > 1 outside (float32, z, y, x)."""
-    value = sum(((g - np.float32(c)) / np.float32(r)) ** 2 for g, c, r in zip(grid, centre, radii))
+    terms = zip(grid, centre, radii, strict=True)
+    value = sum(((g - np.float32(c)) / np.float32(r)) ** 2 for g, c, r in terms)
     return value + np.float32(wobble) * _smooth_field(grid, rng, wavelength=wavelength)
 
 
@@ -205,7 +206,7 @@ def _smooth_field(grid: tuple[np.ndarray, ...], rng: np.random.Generator, *, wav
         direction = rng.normal(size=3)
         k = direction / np.linalg.norm(direction) * 2 * np.pi / wavelength * rng.uniform(0.7, 1.3)
         phase = np.float32(rng.uniform(0, 2 * np.pi))
-        field += np.cos(sum(np.float32(kk) * g for kk, g in zip(k, grid)) + phase)
+        field += np.cos(sum(np.float32(kk) * g for kk, g in zip(k, grid, strict=True)) + phase)
     return field * np.float32(1.0 / np.sqrt(n_terms))
 
 

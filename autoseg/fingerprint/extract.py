@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.dataset.contract import Case, Dataset
+from autoseg.errors import DatasetError
 from autoseg.fingerprint.contract import CaseFingerprint, Fingerprint
 from autoseg.fingerprint.intensity import case_rng, intensity_stats, sample_foreground
 from autoseg.io import read_images, read_label
@@ -45,6 +46,12 @@ def analyse_case(case: Case, *, samples: int, seed: int = SEED) -> tuple[CaseFin
     cropped = images[(slice(None), *region)]
     if case.label is not None:
         label, _ = read_label(case.label)
+        if label.shape != images.shape[1:]:
+            raise DatasetError(
+                f"label shape {label.shape} differs from the image shape {images.shape[1:]}",
+                path=case.label,
+                hint=f"run `autoseg check {Path(case.label).parents[1]}` and fix the case",
+            )
         foreground = label[region] > 0
     else:
         foreground = np.zeros(cropped.shape[1:], dtype=bool)

@@ -26,17 +26,21 @@ def file_ending(path: str | Path) -> str:
 
 def read_header(path: str | Path) -> tuple[Geometry, int]:
     """Geometry and number of pixel components, without reading the voxels."""
-    import SimpleITK as sitk
-
     path = Path(path)
     _require_file(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        return _sitk_header(path)
     except RuntimeError:
         array, geometry, components = read_array(path)
         return geometry, components
+
+
+def _sitk_header(path: Path) -> tuple[Geometry, int]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
     size = reader.GetSize()
     if len(size) not in (2, 3):
         raise _dimension_error(path, len(size))
@@ -55,6 +59,10 @@ def read_array(path: str | Path) -> tuple[np.ndarray, Geometry, int]:
 
     path = Path(path)
     _require_file(path)
+    if file_ending(path) in (".nii", ".nii.gz"):
+        nifti = _read_nifti(path)
+        if nifti is not None:
+            return nifti
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
@@ -72,6 +80,39 @@ def read_array(path: str | Path) -> tuple[np.ndarray, Geometry, int]:
     if image.GetDimension() == 2:
         array = array[None]
     return array, Geometry.from_sitk(image), components
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry, int] | None:
+    """NIfTI voxels read with nibabel, geometry from SimpleITK's header; None for vector pixels.
+
+    SimpleITK (ITK 5.4) reads a truncated .nii.gz without error, padding it with zeros, and
+    turns NaN and inf into 0 (ITK issue 6575, PR 6683); nibabel raises on the first and keeps
+    the second. The geometry comes from SimpleITK, as for every other format, so NIfTI
+    qform/sform precedence is ITK's everywhere. Headers SimpleITK refuses (a non-orthonormal
+    direction) are read entirely with nibabel.
+    """
+    try:
+        geometry, components = _sitk_header(path)
+    except RuntimeError as err:
+        return _read_nibabel(path, err)
+    if components != 1:
+        return None
+    import nibabel as nib
+
+    try:
+        data = np.asanyarray(nib.load(str(path), mmap=False).dataobj)
+    except Exception as err:
+        raise ImageReadError(
+            f"cannot read the file ({type(err).__name__}: {_first_line(err)})",
+            path=path,
+            hint="the file is truncated or corrupt: export or download it again",
+        ) from err
+    data = data.reshape(data.shape[:3]) if data.ndim > 3 and data.size == np.prod(data.shape[:3]) else data
+    data = data.T[None] if data.ndim == 2 else data.transpose(2, 1, 0)
+    if data.shape != geometry.shape:
+        raise ImageReadError(f"voxel array {data.shape} disagrees with the header {geometry.shape}",
+                             path=path, hint="the header is inconsistent: rewrite the file")
+    return np.ascontiguousarray(data), geometry, 1
 
 
 def _read_nibabel(path: Path, sitk_error: Exception) -> tuple[np.ndarray, Geometry, int]:

@@ -1,0 +1,30 @@
+"""Shared fixtures: the project's own small synthetic dataset and the real data (when present)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autoseg.dataset.synthetic import make_example_dataset
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def example_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clean CT example dataset: 4 labelled cases of about 32^3 voxels, 2 in imagesTs.
+
+    Session-scoped and shared: tests must not modify it (copy it first).
+    """
+    root = tmp_path_factory.mktemp("raw") / "Dataset900_Example"
+    return make_example_dataset(root, n_cases=4, modality="ct", seed=0, size=32)
+
+
+@pytest.fixture(scope="session")
+def real_dataset() -> Path:
+    """The real MSD Hippocampus dataset in ../shared/data; the test is skipped when absent."""
+    path = REAL_DATA / "Dataset004_Hippocampus"
+    if not (path / "dataset.json").is_file():
+        pytest.skip(f"real dataset not found at {path}")
+    return path

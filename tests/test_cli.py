@@ -1,0 +1,87 @@
+"""The command line end to end on the synthetic example: exit codes, messages, files written."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from autoseg.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def roots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for kind in ("RAW", "PREPROCESSED", "RESULTS"):
+        monkeypatch.setenv(f"AUTOSEG_{kind}", str(tmp_path / kind.lower()))
+    return tmp_path
+
+
+def test_help_teaches_the_flow() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("example-dataset", "check", "fingerprint", "plan"):
+        assert command in result.output
+    assert "AUTOSEG_RAW" in result.output
+
+
+def test_example_check_fingerprint_plan(roots: Path) -> None:
+    made = runner.invoke(app, ["example-dataset", "--cases", "3", "--size", "32"])
+    assert made.exit_code == 0, made.output
+    assert (roots / "raw" / "Dataset900_Example" / "dataset.json").is_file()
+    checked = runner.invoke(app, ["check", "900", "-j", "1"])
+    assert checked.exit_code == 0, checked.output
+    assert "OK" in checked.output and "3 cases" in checked.output
+    fingerprinted = runner.invoke(app, ["fingerprint", "900", "-j", "1"])
+    assert fingerprinted.exit_code == 0, fingerprinted.output
+    assert "CT foreground" in fingerprinted.output
+    planned = runner.invoke(app, ["plan", "Dataset900_Example", "--gpu-memory-gb", "8", "-j", "1"])
+    assert planned.exit_code == 0, planned.output
+    plans_file = roots / "preprocessed" / "Dataset900_Example" / "plans.json"
+    plans = json.loads(plans_file.read_text())
+    assert "3d_fullres" in plans["configurations"] and "3d_fullres" in planned.output
+    for key in ("spacing", "patch_size", "batch_size"):
+        assert key in plans["configurations"]["3d_fullres"]
+    assert (plans_file.parent / "dataset.json").is_file()
+
+
+def test_check_reports_broken_files_and_exits_non_zero(roots: Path) -> None:
+    runner.invoke(app, ["example-dataset", str(roots / "ds"), "--cases", "2", "--size", "16"])
+    victim = next((roots / "ds" / "labelsTr").iterdir())
+    victim.write_bytes(b"garbage")
+    missing = next((roots / "ds" / "imagesTr").iterdir())
+    missing.unlink()
+    result = runner.invoke(app, ["check", str(roots / "ds"), "-j", "1"])
+    assert result.exit_code == 1
+    assert victim.name in result.output and "fix:" in result.output
+    assert "error(s)" in result.output
+
+
+def test_user_mistake_prints_two_lines_and_exit_code_2(roots: Path) -> None:
+    result = runner.invoke(app, ["plan", "77"])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "fix:" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_debug_flag_shows_the_exception(roots: Path) -> None:
+    result = runner.invoke(app, ["--debug", "plan", "77"])
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_fingerprint_is_cached_and_refreshed_when_files_change(roots: Path) -> None:
+    from autoseg import api
+
+    folder = api.example_dataset(roots / "raw" / "Dataset901_Cache", n_cases=2, size=16)
+    first = api.fingerprint(901)
+    cache = roots / "preprocessed" / "Dataset901_Cache" / "fingerprint.json"
+    stamp = cache.stat().st_mtime_ns
+    assert api.fingerprint("901") == first and cache.stat().st_mtime_ns == stamp
+    label = sorted((folder / "labelsTr").iterdir())[0]
+    os.utime(label, ns=(stamp + 10**9, stamp + 10**9))
+    refreshed = api.fingerprint("901")
+    assert refreshed.source_hash != first.source_hash
