@@ -108,9 +108,8 @@ def example_dataset_command(
     from autoseg.paths import data_root
 
     target = out if out is not None else data_root("raw") / "Dataset900_Example"
-    folder = api.example_dataset(target, n_cases=cases, modality=modality, anisotropic=anisotropic,
-                                 seed=seed, size=size, overwrite=overwrite)
-    _console().print(f"wrote {cases} {modality.upper()} cases to {folder}")
+    api.example_dataset(target, n_cases=cases, modality=modality, anisotropic=anisotropic,
+                        seed=seed, size=size, overwrite=overwrite)
 
 
 @app.command("check")
@@ -162,7 +161,6 @@ def plan_command(
     """Plan the 2d / 3d_fullres (/ 3d_lowres / 3d_cascade_fullres) configurations and write plans.json."""
     from autoseg import api
     from autoseg.cli_tables import plans_table
-    from autoseg.paths import resolve_dataset
 
     plans = api.plan(dataset, memory_budget_gb=gpu_memory_gb, workers=workers, force=force)
     console = _console()
@@ -170,7 +168,6 @@ def plan_command(
     console.print(table)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
-    console.print(f"wrote {api.plans_path(resolve_dataset(dataset))}")
 
 
 def main() -> None:

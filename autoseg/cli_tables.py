@@ -38,17 +38,18 @@ def fingerprint_table(fp: Fingerprint) -> Table:
 
 
 def plans_table(plans: Plans) -> tuple[Table, list[str]]:
-    """One row per configuration, from `planning.summarize`; notes are returned separately."""
+    """One column per configuration, one row per planned quantity (fits 80 columns);
+    the planner's notes are returned separately."""
     from autoseg.planning import summarize
 
     rows = summarize(plans)
     title = f"{plans.dataset_name}: plans for a {plans.memory_budget_gb:g} GiB GPU"
     table = Table(title=title, title_justify="left")
-    columns = [key for key in rows[0] if key != "notes"] if rows else []
-    for column in columns:
-        table.add_column(column.replace("_", " "))
-    notes = []
+    table.add_column("")
     for row in rows:
-        table.add_row(*(_fmt(row[c]) for c in columns))
-        notes += [f"{row.get('name', '')}: {note}" for note in row.get("notes", [])]
+        table.add_column(str(row.get("name", "")))
+    fields = [key for key in rows[0] if key not in ("name", "notes")] if rows else []
+    for field in fields:
+        table.add_row(field.replace("_", " "), *(_fmt(row[field]) for row in rows))
+    notes = [f"{row.get('name', '')}: {note}" for row in rows for note in row.get("notes", [])]
     return table, notes

@@ -46,6 +46,8 @@ class Configuration:
     receptive_field: tuple[int, ...]
     previous_stage: str | None = None
     next_stage: str | None = None
+    #: Why the planner decided as it did where a rule bounded the result (e.g. the 5 % batch cap).
+    notes: tuple[str, ...] = ()
 
     @property
     def dim(self) -> int:
