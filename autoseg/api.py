@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from autoseg.dataset.contract import Dataset, Problem
+from autoseg.errors import PlanError
 from autoseg.fingerprint.contract import Fingerprint
 from autoseg.log import get_logger
 from autoseg.paths import DatasetLocation, resolve_dataset
@@ -81,6 +82,31 @@ def plan(
     return result
 
 
+def preprocess(
+    dataset: str | Path, *, configurations: tuple[str, ...] = ("3d_fullres",), workers: int = 1,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Preprocess the dataset for the planned configurations; returns configuration -> cache folder.
+
+    Needs `plan` first. Finished cases are skipped unless `overwrite`; an interrupted run resumes.
+    """
+    from autoseg.preprocessing.run import preprocess_dataset
+
+    location = resolve_dataset(dataset)
+    plans = load_plans(location.raw)
+    parsed = load(location.raw)
+    if plans.fingerprint_hash != _current_hash(parsed):
+        log.warning("the raw dataset changed since it was planned: consider `autoseg plan %s --force`", dataset)
+    return preprocess_dataset(parsed, plans, list(configurations), out_root=location.preprocessed,
+                              workers=workers, overwrite=overwrite)
+
+
+def _current_hash(parsed: Dataset) -> str:
+    from autoseg.fingerprint import dataset_hash
+
+    return dataset_hash(parsed)
+
+
 def plans_path(location: DatasetLocation) -> Path:
     return location.preprocessed / PLANS_FILE
 
@@ -88,4 +114,7 @@ def plans_path(location: DatasetLocation) -> Path:
 def load_plans(dataset: str | Path) -> Plans:
     """Read the plans written by `plan`."""
     location = resolve_dataset(dataset)
-    return load_contract(plans_path(location), Plans, rerun=f"autoseg plan {dataset}")
+    path = plans_path(location)
+    if not path.is_file():
+        raise PlanError("the dataset has not been planned yet", path=path, hint=f"run `autoseg plan {dataset}` first")
+    return load_contract(path, Plans, rerun=f"autoseg plan {dataset}")

@@ -24,7 +24,8 @@ app = typer.Typer(
     name="autoseg",
     help=(
         "Self-configuring U-Net segmentation for medical volumes.\n\n"
-        "Typical flow: autoseg example-dataset -> autoseg check 900 -> autoseg plan 900.\n"
+        "Typical flow: autoseg example-dataset -> autoseg check 900 -> autoseg plan 900 -> "
+        "autoseg preprocess 900.\n"
         "DATASET is a numeric id (900), a folder name under $AUTOSEG_RAW (Dataset900_Example) "
         "or a path to a raw dataset folder. Paths: AUTOSEG_RAW / AUTOSEG_PREPROCESSED / "
         "AUTOSEG_RESULTS (nnU-Net's nnUNet_* variables work too); default ./autoseg_data/."
@@ -168,6 +169,31 @@ def plan_command(
     console.print(table)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+
+
+@app.command("preprocess")
+@guarded
+def preprocess_command(
+    ctx: typer.Context,
+    dataset: DatasetArg,
+    configurations: Annotated[list[str] | None, typer.Option(
+        "--configuration", "-c", help="Configuration to preprocess; repeat for several. Default 3d_fullres "
+        "(2d for 2D data).")] = None,
+    workers: WorkersOpt = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished cases too.")] = False,
+) -> None:
+    """Crop, normalise and resample every case into the cache the trainer reads (resumable).
+
+    Run `autoseg plan DATASET` first. Finished cases are skipped, so an interrupted run picks up
+    where it stopped; cases whose raw files or plan changed are redone.
+    """
+    from autoseg import api
+
+    plans = api.load_plans(dataset)
+    names = tuple(configurations or (["3d_fullres"] if "3d_fullres" in plans.configurations else ["2d"]))
+    folders = api.preprocess(dataset, configurations=names, workers=workers, overwrite=overwrite)
+    for name, folder in folders.items():
+        _console().print(f"{name}: {folder}")
 
 
 def main() -> None:

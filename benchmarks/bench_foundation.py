@@ -98,9 +98,9 @@ def main() -> None:
     print(f"dataset: {folder.name}; best of {args.repeats} runs; seconds\n")
     print("| phase | autoseg | nnU-Net v2 | nnU-Net / autoseg |\n|---|---|---|---|")
     for key in ("import", "check", "fingerprint", "plan"):
-        other = f"{theirs[key]:.2f}" if theirs else "-"
+        other = f"{theirs[key]:.4f}" if theirs else "-"
         ratio = f"{theirs[key] / ours[key]:.1f}x" if theirs else "-"
-        print(f"| {key} | {ours[key]:.2f} | {other} | {ratio} |")
+        print(f"| {key} | {ours[key]:.4f} | {other} | {ratio} |")
     print(f"\n3d_fullres patch, batch: autoseg {ours['plan_3d']}"
           + (f"; nnU-Net {theirs['plan_3d']}" if theirs else ""))
 

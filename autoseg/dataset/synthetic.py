@@ -177,11 +177,11 @@ def _sample_anatomy(rng: np.random.Generator, geometry: Geometry) -> dict[str, d
     extent = np.array(geometry.shape) * np.array(geometry.array_spacing)
     body_r = extent * np.array([0.62, 0.40, 0.45]) * rng.uniform(0.9, 1.1, size=3)
     body_c = extent * rng.uniform(-0.03, 0.03, size=3)
-    organ_r = body_r[1:].mean() * rng.uniform(0.4, 0.55) * rng.uniform(0.85, 1.15, size=3)
+    organ_r = body_r[1:].mean() * rng.uniform(0.55, 0.7) * rng.uniform(0.85, 1.15, size=3)
     organ_c = body_c + rng.uniform(-0.3, 0.3, size=3) * (body_r - organ_r).clip(min=0)
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
-    lesion_r = organ_r.mean() * rng.uniform(0.3, 0.45) * rng.uniform(0.9, 1.1, size=3)
+    lesion_r = organ_r.mean() * rng.uniform(0.4, 0.55) * rng.uniform(0.9, 1.1, size=3)
     lesion_c = organ_c + direction * organ_r * rng.uniform(0.2, 0.8)
     return {
         "body": {"centre": body_c, "radii": body_r, "wobble": 0.08, "wavelength": extent.min()},

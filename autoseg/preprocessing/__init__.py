@@ -1,0 +1,1 @@
+"""Preprocessing of cases: crop, resample, normalise, case cache."""

@@ -1,0 +1,125 @@
+"""Preprocess a whole dataset for one or more configurations, in parallel and resumably."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoseg.dataset.contract import Case, Dataset
+from autoseg.errors import SettingsError
+from autoseg.io import read_images, read_label
+from autoseg.log import get_logger, progress
+from autoseg.planning.contract import Configuration, Plans
+from autoseg.preprocessing.cache import is_done, write_case
+from autoseg.preprocessing.case import preprocess_arrays
+from autoseg.preprocessing.contract import CaseProperties
+from autoseg.serialization import to_jsonable
+
+log = get_logger("preprocessing")
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """Everything one worker needs for one case (picklable)."""
+
+    case: Case
+    folder: Path
+    plans: Plans
+    config: Configuration
+    classes: dict[int, tuple[int, ...]]
+    source_hash: str
+
+
+def training_classes(dataset: Dataset) -> dict[int, tuple[int, ...]]:
+    """Class key -> label values: each plain label is its own key; regions are numbered from 1."""
+    if dataset.has_regions:
+        return {i + 1: label.values for i, label in enumerate(dataset.foreground_labels)}
+    return {label.values[0]: label.values for label in dataset.foreground_labels}
+
+
+def case_hash(case: Case, plans: Plans, config: Configuration) -> str:
+    """Changes whenever the case's files or anything of the plan that shapes its data changes."""
+    digest = hashlib.sha256()
+    recipe = {"config": to_jsonable(config), "transpose": plans.transpose_forward,
+              "intensity": to_jsonable(plans.intensity)}
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    for file in (*case.images, *([case.label] if case.label else [])):
+        stat = Path(file).stat()
+        digest.update(f"{Path(file).name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def process_case(job: CaseJob) -> str:
+    """Read, preprocess and write one case; returns its id."""
+    images, geometry = read_images(job.case.images)
+    label = read_label(job.case.label)[0] if job.case.label else None
+    result = preprocess_arrays(images, label, geometry, plans=job.plans, config=job.config,
+                               classes=job.classes)
+    properties = CaseProperties(
+        case_id=job.case.case_id, geometry=geometry,
+        shape_before_crop=tuple(images.shape[1 + a] for a in job.plans.transpose_forward),
+        crop_box=result.box, spacing_before_resample=result.spacing_before_resample,
+        shape_after_crop=result.shape_after_crop, spacing=result.spacing, shape=tuple(result.seg.shape),
+        classes=tuple(key for key, coords in result.locations.items() if len(coords)),
+        source_hash=job.source_hash,
+    )
+    write_case(job.folder, properties, data=result.data, seg=result.seg, locations=result.locations)
+    return job.case.case_id
+
+
+def preprocess_dataset(
+    dataset: Dataset, plans: Plans, configurations: list[str], *, out_root: Path, workers: int = 1,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Preprocess every case for each configuration; returns configuration -> cache folder.
+
+    Finished cases (same files, same plan) are skipped unless `overwrite`; an interrupted run
+    resumes where it stopped. Peak memory is that of `workers` cases at a time.
+    """
+    folders = {}
+    for name in configurations:
+        if name not in plans.configurations:
+            known = ", ".join(plans.configurations)
+            raise SettingsError(f"the plan has no configuration {name!r}", hint=f"choose one of: {known}")
+        config = plans.configurations[name]
+        folder = out_root / config.data_id
+        folders[name] = folder
+        if config.data_id in {plans.configurations[n].data_id for n in configurations[: configurations.index(name)]}:
+            continue  # the cascade shares 3d_fullres data
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs = _pending_jobs(dataset, plans, config, folder, overwrite=overwrite)
+        log.info("%s: %d of %d cases to preprocess into %s", name, len(jobs), len(dataset.cases), folder)
+        for _ in progress(_run(jobs, workers), total=len(jobs), description=f"preprocess {name}"):
+            pass
+    return folders
+
+
+def _pending_jobs(dataset: Dataset, plans: Plans, config: Configuration, folder: Path, *,
+                  overwrite: bool) -> list[CaseJob]:
+    classes = training_classes(dataset)
+    jobs = []
+    for case in dataset.cases:
+        source = case_hash(case, plans, config)
+        if overwrite or not is_done(folder, case.case_id, source):
+            jobs.append(CaseJob(case, folder, plans, config, classes, source))
+    return jobs
+
+
+def _run(jobs: list[CaseJob], workers: int):
+    """Yield case ids as they finish, at most `workers` cases in flight."""
+    if workers <= 1 or len(jobs) < 2:
+        for job in jobs:
+            yield process_case(job)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        queue = list(reversed(jobs))
+        running: set[Future[str]] = set()
+        while queue or running:
+            while queue and len(running) < workers:
+                running.add(pool.submit(process_case, queue.pop()))
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
