@@ -30,10 +30,11 @@ def configure(verbosity: int = 0) -> None:
     logger = logging.getLogger("autoseg")
     level = logging.DEBUG if verbosity > 0 else logging.INFO
     logger.setLevel(level if is_main_rank() else logging.WARNING)
-    if not any(getattr(h, "_autoseg", False) for h in logger.handlers):
-        handler = _make_handler()
-        handler._autoseg = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    for old in [h for h in logger.handlers if getattr(h, "_autoseg", False)]:
+        logger.removeHandler(old)  # it may point at a stream that no longer exists
+    handler = _make_handler()
+    handler._autoseg = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
     logger.propagate = False
 
 

@@ -137,7 +137,7 @@ def test_killed_process_resumes_to_the_same_files(tmp_path: Path) -> None:
     process = subprocess.Popen([*cli, "preprocess", "950", "-j", "1"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list(folder.glob("*.json")) if folder.exists() else True:
+    while time.monotonic() < deadline and not (folder.exists() and list(folder.glob("*.json"))):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -90,11 +90,18 @@ def preprocess_dataset(
         if config.data_id in {plans.configurations[n].data_id for n in configurations[: configurations.index(name)]}:
             continue  # the cascade shares 3d_fullres data
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(folder)
         jobs = _pending_jobs(dataset, plans, config, folder, overwrite=overwrite)
         log.info("%s: %d of %d cases to preprocess into %s", name, len(jobs), len(dataset.cases), folder)
         for _ in progress(_run(jobs, workers), total=len(jobs), description=f"preprocess {name}"):
             pass
     return folders
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Delete temporary files a killed run left behind (a clean exit removes its own)."""
+    for leftover in folder.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 def _pending_jobs(dataset: Dataset, plans: Plans, config: Configuration, folder: Path, *,

@@ -1,0 +1,91 @@
+"""Device choice, mixed precision and seeding: the only place that asks torch about hardware."""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import numpy as np
+
+from autoseg.errors import SettingsError
+from autoseg.log import get_logger
+
+log = get_logger("runtime")
+
+
+def pick_device(spec: str = "auto", *, local_rank: int = 0) -> Any:
+    """A torch.device from "auto" | "cpu" | "cuda" | "cuda:N" | "mps".
+
+    "auto" takes this process's GPU (by LOCAL_RANK under torchrun), then Apple's MPS, then the CPU.
+    """
+    import torch
+
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise SettingsError(f"unknown device {spec!r}", hint="use auto, cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError(
+                "CUDA was requested but torch sees no GPU",
+                hint="check `nvidia-smi` and that a CUDA build of torch is installed, or use --device cpu",
+            )
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SettingsError("MPS was requested but is not available", hint="use --device cpu")
+    return device
+
+
+def amp_dtype(device: Any, *, enabled: bool = True) -> Any:
+    """bf16 on GPUs that support it, else fp16 on CUDA; None (fp32) elsewhere or when disabled."""
+    import torch
+
+    if not enabled or device.type != "cuda":
+        if enabled and device.type != "cpu":
+            log.info("mixed precision is off on %s", device.type)
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: Any, dtype: Any) -> AbstractContextManager[Any]:
+    """Autocast context for the forward pass, or a no-op when running in fp32."""
+    import torch
+
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: Any, dtype: Any) -> Any:
+    """A GradScaler that is active only for fp16 (bf16 and fp32 need no loss scaling)."""
+    import torch
+
+    return torch.amp.GradScaler(device.type if device.type == "cuda" else "cpu",
+                                enabled=dtype is not None and dtype == torch.float16)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices) for reproducible runs."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_threads(device: Any) -> None:
+    """On GPU the data workers need the cores; on CPU torch may use them all (OMP_NUM_THREADS wins)."""
+    import torch
+
+    if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)

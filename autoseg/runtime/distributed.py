@@ -1,0 +1,86 @@
+"""Multi-process training context from torchrun's environment (DDP), single-process otherwise."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from autoseg.runtime.device import amp_dtype, pick_device
+
+
+@dataclass(frozen=True)
+class RuntimeContext:
+    """Where this process runs: its device, its rank among `world_size`, and its AMP dtype."""
+
+    device: Any
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    amp_dtype: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls, device: str = "auto", *, amp: bool = True) -> RuntimeContext:
+        """Read RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun) and join the process group."""
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        chosen = pick_device(device, local_rank=local_rank)
+        if world_size > 1:
+            _init_process_group(chosen)
+        return cls(device=chosen, rank=rank, local_rank=local_rank, world_size=world_size,
+                   amp_dtype=amp_dtype(chosen, enabled=amp))
+
+
+def _init_process_group(device: Any) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def barrier(context: RuntimeContext) -> None:
+    if context.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def all_reduce_mean(value: Any, context: RuntimeContext) -> Any:
+    """Average a tensor over all processes (in place) and return it."""
+    if context.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= context.world_size
+    return value
+
+
+def wrap_model(model: Any, context: RuntimeContext) -> Any:
+    """DistributedDataParallel around `model` when running under torchrun, else `model` itself."""
+    if not context.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [context.device.index] if context.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap_model(model: Any) -> Any:
+    return getattr(model, "module", model)
+
+
+def shutdown(context: RuntimeContext) -> None:
+    if context.distributed:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
