@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 from autoseg.dataset.contract import Dataset, Problem
 from autoseg.errors import PlanError
@@ -99,6 +100,22 @@ def preprocess(
         log.warning("the raw dataset changed since it was planned: consider `autoseg plan %s --force`", dataset)
     return preprocess_dataset(parsed, plans, list(configurations), out_root=location.preprocessed,
                               workers=workers, overwrite=overwrite)
+
+
+def train(
+    dataset: str | Path, configuration: str, fold: int | str, *, overrides: dict[str, Any] | None = None,
+    device: str = "auto", resume: bool = False,
+) -> Path:
+    """Train one fold of one configuration; returns the model folder.
+
+    `overrides` sets TrainingSettings fields (epochs, initial_lr, ...). With `resume`, the stored
+    settings of the run are the base, so `--continue --epochs 2000` extends a finished run.
+    """
+    from autoseg.training.job import train_one_fold
+
+    location = resolve_dataset(dataset)
+    return train_one_fold(location, load(location.raw), load_plans(location.raw), configuration, fold,
+                          overrides=overrides or {}, device=device, resume=resume)
 
 
 def _current_hash(parsed: Dataset) -> str:

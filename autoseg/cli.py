@@ -196,6 +196,48 @@ def preprocess_command(
         _console().print(f"{name}: {folder}")
 
 
+@app.command("train")
+@guarded
+def train_command(
+    ctx: typer.Context,
+    dataset: DatasetArg,
+    configuration: Annotated[str, typer.Argument(help="2d, 3d_fullres, 3d_lowres (see plans.json).")],
+    fold: Annotated[str, typer.Argument(help="Fold 0-4 of the 5-fold cross-validation, or all.")],
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (default 1000).")] = None,
+    iterations: Annotated[int | None, typer.Option("--iterations-per-epoch", min=1,
+                                                   help="Training iterations per epoch (default 250).")] = None,
+    val_iterations: Annotated[int | None, typer.Option("--val-iterations", min=0,
+                                                       help="Validation batches per epoch (default 50).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Initial learning rate (default 0.01).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Override the plan's.")] = None,
+    augmentation: Annotated[str | None, typer.Option("--augmentation", help="default or none.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", "-j", min=0, help=(
+        "Data-loading processes (default: from the CPUs allotted to this job; 0 = in-process)."))] = None,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", min=1,
+                                                         help="Epochs between latest checkpoints (50).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling and augmentation.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default on).")] = None,
+    compile_network: Annotated[bool | None, typer.Option("--compile/--no-compile",
+                                                         help="torch.compile on CUDA (default off).")] = None,
+    resume: Annotated[bool, typer.Option("--continue", help=(
+        "Continue from the last checkpoint; with a larger --epochs, extend a finished run."))] = False,
+) -> None:
+    """Train one fold of one configuration; writes the model folder under AUTOSEG_RESULTS.
+
+    Multi-GPU: `torchrun --nproc_per_node 4 -m autoseg train DATASET 3d_fullres 0` (DDP).
+    """
+    from autoseg import api
+
+    given = {"epochs": epochs, "iterations_per_epoch": iterations, "val_iterations": val_iterations,
+             "initial_lr": lr, "batch_size": batch_size, "augmentation": augmentation, "workers": workers,
+             "checkpoint_every": checkpoint_every, "seed": seed, "amp": amp, "compile": compile_network}
+    overrides = {key: value for key, value in given.items() if value is not None}
+    fold_value: int | str = int(fold) if fold.isdigit() else fold
+    folder = api.train(dataset, configuration, fold_value, overrides=overrides, device=device, resume=resume)
+    _console().print(f"model folder: {folder}")
+
+
 def main() -> None:
     """Console-script entry point."""
     sys.exit(app())

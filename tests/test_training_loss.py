@@ -64,7 +64,7 @@ def test_region_loss_treats_regions_as_overlapping_masks() -> None:
     assert loss(-perfect, target).item() > 1.0
 
 
-def test_deep_supervision_skips_zero_weight_and_checks_lengths() -> None:
+def test_deep_supervision_weights_outputs_and_checks_lengths() -> None:
     loss = DeepSupervisionLoss(DiceCELoss(), 3)
     outputs = [torch.randn(2, 2, 8), torch.randn(2, 2, 4), torch.randn(2, 2, 2)]
     targets = [torch.randint(0, 2, (2, 1, 8)), torch.randint(0, 2, (2, 1, 4)), torch.randint(0, 2, (2, 1, 2))]

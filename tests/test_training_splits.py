@@ -55,3 +55,8 @@ def test_bad_splits_and_folds_are_clear_errors(tmp_path: Path) -> None:
     assert fold_cases(make_splits(IDS), "all", IDS) == (sorted(IDS), [])
     with pytest.raises(SettingsError, match="cannot be split"):
         make_splits(IDS[:3])
+
+
+def test_small_datasets_get_fewer_folds(tmp_path: Path) -> None:
+    splits = load_or_create_splits(tmp_path, IDS[:3])
+    assert len(splits) == 3 and all(len(s["val"]) == 1 for s in splits)

@@ -15,6 +15,19 @@ counted is the plain U-Net (nnU-Net's `PlainConvUNet`, see docs/planning.md):
 * a 1x1 conv segmentation head (bias) after every decoder level (deep supervision heads are
   always built, so checkpoints load with it on or off).
 
+The upsampling step depends on `topology.upsampling` (all three are built by
+`autoseg.model.unet`, and each counted here exactly):
+
+* "transposed_conv": as above, features[l + 1] x features[l] x prod(stride) weights + features[l] bias;
+* "interp_conv": a 1x1 conv features[l + 1] -> features[l] (bias) at the low resolution, then
+  nearest-neighbour upsampling by the stride (the two commute, so this equals upsample-then-conv);
+* "pixel_shuffle": a 1x1 conv features[l + 1] -> features[l] x prod(stride) (bias), then a
+  voxel shuffle by the stride.
+
+None of the three widens the receptive field (1x1 convs; each output voxel comes from exactly
+one low-resolution voxel), so `receptive_field` holds for all of them. The residual-encoder
+U-Net ("resenc_unet") is not counted here: its sizes raise `SettingsError`.
+
 Spatial sizes after a strided conv are ceil(n / stride), which is what a "same"-padded conv
 outputs; for patches divisible by `topology.total_stride` (all planned patches) this equals
 nnU-Net's floor division exactly.
@@ -30,6 +43,8 @@ from autoseg.model.contract import Topology
 
 #: Architectures whose sizes this module knows.
 COUNTED_ARCHITECTURES = ("plain_unet",)
+#: Upsampling variants whose sizes this module knows.
+COUNTED_UPSAMPLING = ("transposed_conv", "interp_conv", "pixel_shuffle")
 
 
 def stage_shapes(topology: Topology, patch: Sequence[int]) -> tuple[tuple[int, ...], ...]:
@@ -49,7 +64,7 @@ def feature_map_elements(
     """Activation elements for batch size 1, counted like nnU-Net's VRAM proxy.
 
     Counted (each as channels x spatial voxels of that output): every encoder conv output;
-    per decoder level its transposed-conv output and each of its conv outputs; the
+    per decoder level its upsampling output(s) and each of its conv outputs; the
     segmentation head output at the highest resolution only (nnU-Net counts with deep
     supervision off). Not counted: the input, norm and nonlinearity outputs, the skip
     concatenation, the lower-resolution heads. `in_channels` does not change the count (the
@@ -65,14 +80,16 @@ def feature_map_elements(
     for level in range(topology.n_stages - 2, -1, -1):
         voxels = math.prod(shapes[level])
         convs = topology.convs_per_decoder_stage[level]
-        total += (1 + convs) * feats[level] * voxels
+        total += convs * feats[level] * voxels
+        low, taps = math.prod(shapes[level + 1]), math.prod(topology.strides[level + 1])
+        total += _upsampling_elements(topology.upsampling, feats[level], voxels, low_voxels=low, taps=taps)
     total += num_classes * math.prod(shapes[0])
     return total
 
 
 def parameter_count(topology: Topology, *, in_channels: int, num_classes: int) -> int:
-    """Trainable parameters of the plain U-Net: conv weights and biases, instance-norm scale and
-    shift, transposed convs (kernel = stride, bias) and a 1x1 head (bias) at every decoder level."""
+    """Trainable parameters of the plain U-Net: conv weights and biases, norm scale and shift,
+    the upsampling layers (see the module docstring) and a 1x1 head (bias) at every decoder level."""
     _check(topology, None)
     feats = topology.features_per_stage
     total = 0
@@ -84,7 +101,7 @@ def parameter_count(topology: Topology, *, in_channels: int, num_classes: int) -
             channels = feats[s]
     for level in range(topology.n_stages - 2, -1, -1):
         up_taps = math.prod(topology.strides[level + 1])
-        total += feats[level + 1] * feats[level] * up_taps + feats[level]
+        total += _upsampling_parameters(topology.upsampling, feats[level + 1], feats[level], up_taps)
         taps = math.prod(topology.kernel_sizes[level])
         channels = 2 * feats[level]
         for _ in range(topology.convs_per_decoder_stage[level]):
@@ -92,6 +109,29 @@ def parameter_count(topology: Topology, *, in_channels: int, num_classes: int) -
             channels = feats[level]
         total += feats[level] * num_classes + num_classes
     return total
+
+
+def _upsampling_parameters(kind: str, c_in: int, c_out: int, taps: int) -> int:
+    """Weights and biases of one upsampling step; `taps` = prod(stride)."""
+    if kind == "interp_conv":
+        return c_in * c_out + c_out
+    if kind == "pixel_shuffle":
+        return c_in * c_out * taps + c_out * taps
+    return c_in * c_out * taps + c_out
+
+
+def _upsampling_elements(kind: str, c_out: int, voxels: int, *, low_voxels: int, taps: int) -> int:
+    """Activation elements one upsampling step writes: the layer outputs, as for the convs.
+
+    transposed_conv: its output; interp_conv: the low-resolution 1x1 projection and the
+    upsampled copy; pixel_shuffle: the sub-pixel conv output (c_out x taps channels at the low
+    resolution) and the shuffled copy. `taps` = prod(stride).
+    """
+    if kind == "interp_conv":
+        return c_out * (low_voxels + voxels)
+    if kind == "pixel_shuffle":
+        return c_out * (taps * low_voxels + voxels)
+    return c_out * voxels
 
 
 def _conv_block(c_in: int, c_out: int, taps: int) -> int:
@@ -106,6 +146,13 @@ def receptive_field(topology: Topology) -> tuple[int, ...]:
     back up. A conv with kernel k adds (k - 1) x jump, where jump is the product of the strides
     applied before it; a transposed conv with kernel = stride maps each output voxel to one input
     voxel, so it adds nothing and divides the jump. Axis order as the topology's.
+
+    The exact field of one output voxel depends on its position modulo the total stride, since
+    each upsampling maps a whole stride block onto one low-resolution voxel: for the 4-stage 3D
+    plan (kernels 3, strides 2) it is 71 or 79 voxels, and this value, 75, is their mean. That
+    mean property holds when every strided axis has stride 2 and kernel 3 at its stage (what
+    planning emits), not in general (e.g. stride 3 or kernel 1 on a strided axis); the nonzero
+    gradient extent is checked against it in tests/test_network.py.
     """
     _check(topology, None)
     field = [1] * topology.dim
@@ -129,6 +176,11 @@ def _check(topology: Topology, patch: Sequence[int] | None) -> None:
         raise SettingsError(
             f"no size formulas for architecture {topology.architecture!r}",
             hint=f"size formulas exist for: {', '.join(COUNTED_ARCHITECTURES)}",
+        )
+    if topology.upsampling not in COUNTED_UPSAMPLING:
+        raise SettingsError(
+            f"no size formulas for upsampling {topology.upsampling!r}",
+            hint=f"size formulas exist for: {', '.join(COUNTED_UPSAMPLING)}",
         )
     if patch is not None and len(patch) != topology.dim:
         raise SettingsError(

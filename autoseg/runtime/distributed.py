@@ -54,6 +54,15 @@ def barrier(context: RuntimeContext) -> None:
         dist.barrier()
 
 
+def all_reduce_sum(value: Any, context: RuntimeContext) -> Any:
+    """Sum a tensor over all processes (in place) and return it."""
+    if context.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def all_reduce_mean(value: Any, context: RuntimeContext) -> Any:
     """Average a tensor over all processes (in place) and return it."""
     if context.distributed:
@@ -64,14 +73,30 @@ def all_reduce_mean(value: Any, context: RuntimeContext) -> Any:
     return value
 
 
-def wrap_model(model: Any, context: RuntimeContext) -> Any:
-    """DistributedDataParallel around `model` when running under torchrun, else `model` itself."""
+def replicas_identical(model: Any, context: RuntimeContext) -> bool:
+    """True when every rank holds the same parameters (compared by max and min of a checksum)."""
+    if not context.distributed:
+        return True
+    import torch
+    import torch.distributed as dist
+
+    total = sum(p.detach().double().sum() for p in model.parameters())
+    values = torch.stack([total, -total]).to(context.device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return bool(torch.isclose(values[0], -values[1], rtol=0, atol=1e-9 * max(1.0, abs(float(total)))))
+
+
+def wrap_model(model: Any, context: RuntimeContext, *, find_unused: bool = False) -> Any:
+    """DistributedDataParallel around `model` when running under torchrun, else `model` itself.
+
+    `find_unused` is needed when some parameters get no gradient (deep-supervision heads when it is off).
+    """
     if not context.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [context.device.index] if context.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def unwrap_model(model: Any) -> Any:

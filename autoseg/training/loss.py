@@ -99,5 +99,6 @@ class DeepSupervisionLoss(nn.Module):
     def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(outputs) != len(self.weights) or len(targets) != len(self.weights):
             raise ValueError(f"expected {len(self.weights)} outputs and targets, got {len(outputs)}, {len(targets)}")
-        terms = [w * self.loss(o, t) for w, o, t in zip(self.weights, outputs, targets) if w > 0]
+        # zero-weight outputs stay in the graph (their gradient is 0), which keeps DDP's bookkeeping simple
+        terms = [w * self.loss(o, t) for w, o, t in zip(self.weights, outputs, targets)]
         return torch.stack(terms).sum()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import SettingsError
+from autoseg.log import get_logger
 from autoseg.serialization import read_json, write_json
 
 SPLITS_FILE = "splits.json"
@@ -20,6 +21,7 @@ NNUNET_SPLITS_FILE = "splits_final.json"
 N_FOLDS, SEED = 5, 12345
 
 Split = dict[str, list[str]]
+log = get_logger("training")
 
 
 def make_splits(case_ids: Sequence[str], *, n_folds: int = N_FOLDS, seed: int = SEED) -> list[Split]:
@@ -50,7 +52,10 @@ def load_or_create_splits(folder: Path, case_ids: Sequence[str], *, extra: Seque
             if path != folder / SPLITS_FILE:
                 write_json(folder / SPLITS_FILE, splits)
             return splits
-    splits = make_splits(case_ids)
+    n_folds = min(N_FOLDS, len(case_ids))
+    if n_folds < N_FOLDS:
+        log.warning("only %d cases: making %d folds instead of %d", len(case_ids), n_folds, N_FOLDS)
+    splits = make_splits(case_ids, n_folds=max(n_folds, 2))
     write_json(folder / SPLITS_FILE, splits)
     return splits
 

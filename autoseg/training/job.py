@@ -1,0 +1,83 @@
+"""Glue from a resolved dataset and its plans to `train_fold`: splits, model folder, settings, log."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from autoseg.dataset.contract import Dataset
+from autoseg.errors import SettingsError
+from autoseg.log import get_logger
+from autoseg.model_folder import ModelFolder
+from autoseg.paths import DatasetLocation
+from autoseg.planning.contract import Plans
+from autoseg.runtime.device import configure_threads, seed_all
+from autoseg.runtime.distributed import RuntimeContext, shutdown
+from autoseg.serialization import load_contract
+from autoseg.training.loop import FoldRun, train_fold
+from autoseg.training.progress import attach_log_file, detach_log_file
+from autoseg.training.settings import TrainingSettings
+from autoseg.training.setup import require_cache
+from autoseg.training.splits import fold_cases, load_or_create_splits
+
+log = get_logger("training")
+
+
+def resolve_settings(folder: ModelFolder, overrides: dict[str, Any], *, resume: bool) -> TrainingSettings:
+    """Stored settings when resuming (so flags only change what they name), defaults otherwise."""
+    base = TrainingSettings()
+    if resume and folder.settings_file.is_file():
+        base = load_contract(folder.settings_file, TrainingSettings, rerun="autoseg train (without --continue)")
+    unknown = set(overrides) - set(TrainingSettings.__dataclass_fields__)
+    if unknown:
+        raise SettingsError(f"unknown training setting(s): {sorted(unknown)}", hint="see `autoseg train --help`")
+    return replace(base, **overrides).validated()
+
+
+def fold_run(location: DatasetLocation, dataset: Dataset, plans: Plans, configuration: str,
+             fold: int | str) -> FoldRun:
+    if configuration not in plans.configurations:
+        raise SettingsError(f"the plan has no configuration {configuration!r}",
+                            hint=f"choose one of: {', '.join(plans.configurations)}")
+    config = plans.configurations[configuration]
+    if config.previous_stage:
+        raise SettingsError(f"{configuration} needs the predictions of {config.previous_stage}, which arrive "
+                            "with the inference stage", hint="train 3d_fullres or 3d_lowres for now")
+    ids = [case.case_id for case in dataset.cases]
+    splits = load_or_create_splits(location.preprocessed, ids, extra=[location.raw])
+    train_ids, val_ids = fold_cases(splits, fold, ids)
+    labels = dataset.foreground_labels
+    return FoldRun(
+        folder=ModelFolder.for_run(location.results, configuration, plans.plans_name), fold=fold,
+        config=config, cache=location.preprocessed / config.data_id, train_ids=tuple(train_ids),
+        val_ids=tuple(val_ids), in_channels=len(plans.channel_names), num_classes=plans.num_classes,
+        class_names=tuple(label.name for label in labels),
+        regions=tuple(label.values for label in labels) if dataset.has_regions else None,
+        ignore_label=dataset.ignore_label,
+    )
+
+
+def train_one_fold(location: DatasetLocation, dataset: Dataset, plans: Plans, configuration: str,
+                   fold: int | str, *, overrides: dict[str, Any], device: str, resume: bool) -> Path:
+    run = fold_run(location, dataset, plans, configuration, fold)
+    require_cache(run)
+    settings = resolve_settings(run.folder, overrides, resume=resume)
+    context = RuntimeContext.from_env(device, amp=settings.amp)
+    configure_threads(context.device)
+    seed_all(settings.seed + context.rank)
+    handler = None
+    if context.is_main:
+        run.folder.write_metadata(plans, dataset_json=Path(dataset.root) / "dataset.json", settings=settings)
+        (run.folder.root / "splits.json").write_bytes((location.preprocessed / "splits.json").read_bytes())
+        run.folder.fold_dir(fold).mkdir(parents=True, exist_ok=True)
+        handler = attach_log_file(run.folder.fold_dir(fold) / "training.log")
+    try:
+        log.info("training %s fold %s on %s (%d training, %d validation cases, %d process(es))", configuration,
+                 fold, context.device, len(run.train_ids), len(run.val_ids), context.world_size)
+        train_fold(run, settings, context, resume=resume)
+    finally:
+        if handler is not None:
+            detach_log_file(handler)
+        shutdown(context)
+    return run.folder.root

@@ -1,0 +1,56 @@
+"""TrainingSettings: every knob of a training run is a field (and a CLI flag), never a subclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from autoseg.errors import SettingsError
+
+SETTINGS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Defaults follow nnU-Net v2: 1000 epochs x 250 iterations, SGD 1e-2 Nesterov 0.99, poly 0.9."""
+
+    epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations: int = 50
+    initial_lr: float = 1e-2
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    poly_exponent: float = 0.9
+    grad_clip: float = 12.0
+    foreground_oversample: float = 0.33
+    augmentation: str = "default"
+    batch_size: int | None = None  # None: the plan's
+    amp: bool = True
+    compile: bool = False
+    channels_last: bool = False
+    checkpoint_every: int = 50
+    seed: int = 12345
+    workers: int | None = None  # None: from the CPUs allotted to this process
+    deep_supervision: bool = True
+    format: int = SETTINGS_FORMAT
+
+    def validated(self) -> TrainingSettings:
+        """Self, after checking ranges; raises SettingsError naming the flag."""
+        checks = {
+            "--epochs": self.epochs >= 1, "--iterations-per-epoch": self.iterations_per_epoch >= 1,
+            "--val-iterations": self.val_iterations >= 0, "--lr": self.initial_lr > 0,
+            "--checkpoint-every": self.checkpoint_every >= 1,
+            "--batch-size": self.batch_size is None or self.batch_size >= 1,
+            "--oversample": 0.0 <= self.foreground_oversample <= 1.0,
+        }
+        for flag, ok in checks.items():
+            if not ok:
+                raise SettingsError(f"{flag} is out of range", hint=f"see `autoseg train --help` for {flag}")
+        return self
+
+    def with_epochs(self, epochs: int) -> TrainingSettings:
+        return replace(self, epochs=epochs)
+
+
+def poly_lr(initial_lr: float, epoch: int, total_epochs: int, exponent: float = 0.9) -> float:
+    """Polynomial decay from `initial_lr` at epoch 0 towards 0 at `total_epochs`."""
+    return initial_lr * (1 - epoch / total_epochs) ** exponent

@@ -1,0 +1,150 @@
+"""Training loop on the synthetic example (CPU): learning, exact resume, extension, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoseg.dataset.load import load_dataset
+from autoseg.fingerprint import extract_fingerprint
+from autoseg.model_folder import CheckpointError, ModelFolder, load_checkpoint
+from autoseg.paths import DatasetLocation
+from autoseg.planning import plan
+from autoseg.preprocessing.run import preprocess_dataset
+from autoseg.runtime.distributed import RuntimeContext
+from autoseg.training import loop as loop_module
+from autoseg.training.job import fold_run
+from autoseg.training.loop import train_fold
+from autoseg.training.progress import read_metrics
+from autoseg.training.settings import TrainingSettings
+
+SMALL = TrainingSettings(epochs=4, iterations_per_epoch=3, val_iterations=2, workers=0, checkpoint_every=2,
+                         initial_lr=0.01, seed=3)
+
+
+@pytest.fixture(scope="module")
+def prepared(example_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The example dataset planned and preprocessed, and a shrunken network so tests run in seconds."""
+    root = tmp_path_factory.mktemp("train")
+    dataset = load_dataset(example_dataset)
+    plans = plan(extract_fingerprint(dataset), dataset)
+    config = plans.configurations["3d_fullres"]
+    topology = dataclasses.replace(config.topology, features_per_stage=(4, 8, 8, 8, 8)[: config.topology.n_stages])
+    small = dataclasses.replace(config, topology=topology, patch_size=(16, 16, 16), batch_size=2)
+    plans = dataclasses.replace(plans, configurations={"3d_fullres": small})
+    location = DatasetLocation(name=dataset.name, raw=Path(dataset.root))
+    preprocess_dataset(dataset, plans, ["3d_fullres"], out_root=root / "pre" / dataset.name)
+    return dataset, plans, location, root
+
+
+def _run(prepared, results: Path, fold: int = 0):
+    dataset, plans, location, root = prepared
+    os.environ["AUTOSEG_PREPROCESSED"] = str(root / "pre")
+    os.environ["AUTOSEG_RESULTS"] = str(results)
+    return fold_run(location, dataset, plans, "3d_fullres", fold)
+
+
+def _weights(run, name: str = "final") -> dict[str, torch.Tensor]:
+    return load_checkpoint(run.folder.checkpoint(run.fold, name))["network"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AUTOSEG_PREPROCESSED", "AUTOSEG_RESULTS"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+
+
+def test_training_lowers_the_loss_and_writes_records(prepared, tmp_path: Path) -> None:
+    run = _run(prepared, tmp_path)
+    settings = dataclasses.replace(SMALL, epochs=6, iterations_per_epoch=4, initial_lr=0.02)
+    state = train_fold(run, settings, RuntimeContext(device=torch.device("cpu")))
+    records = read_metrics(run.folder.fold_dir(0) / "metrics.jsonl")
+    assert state.epoch == 6 and [r["epoch"] for r in records] == list(range(6))
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[-1]["lr"] < records[0]["lr"]
+    assert set(records[-1]["pseudo_dice"]) == {"organ", "lesion"}
+    for name in ("final", "latest", "best"):
+        assert run.folder.checkpoint(0, name).is_file()
+    assert (run.folder.fold_dir(0) / "progress.png").stat().st_size > 1000
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(prepared, tmp_path: Path, monkeypatch) -> None:
+    context = RuntimeContext(device=torch.device("cpu"))
+    straight = _run(prepared, tmp_path / "straight")
+    train_fold(straight, SMALL, context)
+    cut = _run(prepared, tmp_path / "cut")
+    real_save = loop_module._record_and_save
+
+    def crash_after_third_epoch(run, settings, objects, state, record):
+        real_save(run, settings, objects, state, record)
+        if state.epoch == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "_record_and_save", crash_after_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(cut, SMALL, context)
+    monkeypatch.setattr(loop_module, "_record_and_save", real_save)
+    assert load_checkpoint(cut.folder.checkpoint(0, "latest"))["epoch"] == 2
+    train_fold(cut, SMALL, context, resume=True)
+    for key, value in _weights(straight).items():
+        assert torch.equal(value, _weights(cut)[key]), key
+    epochs = [r["epoch"] for r in read_metrics(cut.folder.fold_dir(0) / "metrics.jsonl")]
+    assert epochs == [0, 1, 2, 3]
+
+
+def test_continue_with_more_epochs_extends_a_finished_run(prepared, tmp_path: Path) -> None:
+    context = RuntimeContext(device=torch.device("cpu"))
+    run = _run(prepared, tmp_path)
+    short = dataclasses.replace(SMALL, epochs=2)
+    train_fold(run, short, context)
+    again = train_fold(run, short, context, resume=True)
+    assert again.epoch == 2  # nothing to do
+    extended = train_fold(run, dataclasses.replace(SMALL, epochs=3), context, resume=True)
+    assert extended.epoch == 3
+    records = read_metrics(run.folder.fold_dir(0) / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert records[2]["lr"] == pytest.approx(0.01 * (1 - 2 / 3) ** 0.9)
+
+
+def test_corrupt_and_incompatible_checkpoints_are_clear_errors(prepared, tmp_path: Path) -> None:
+    run = _run(prepared, tmp_path)
+    path = run.folder.checkpoint(0, "latest")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as err:
+        train_fold(run, SMALL, RuntimeContext(device=torch.device("cpu")), resume=True)
+    assert err.value.path == str(path) and "retrain" in err.value.hint
+    torch.save({"network": {"w": torch.zeros(1)}, "optimizer": {}, "scaler": {}, "epoch": 1, "total_epochs": 4,
+                "ema_dice": None, "best_ema_dice": None, "torch_rng": torch.get_rng_state()}, path)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train_fold(run, SMALL, RuntimeContext(device=torch.device("cpu")), resume=True)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    assert ModelFolder(tmp_path).folds() == ()
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path: Path) -> None:
+    from autoseg.dataset.synthetic import make_example_dataset
+
+    make_example_dataset(tmp_path / "raw" / "Dataset960_Ddp", n_cases=5, size=24, seed=1)
+    env = dict(os.environ, AUTOSEG_RAW=str(tmp_path / "raw"), AUTOSEG_PREPROCESSED=str(tmp_path / "pre"),
+               AUTOSEG_RESULTS=str(tmp_path / "res"), OMP_NUM_THREADS="1")
+    cli = [sys.executable, "-m", "autoseg"]
+    for command in (["plan", "960", "-j", "1"], ["preprocess", "960", "-j", "1"]):
+        subprocess.run([*cli, *command], env=env, check=True, capture_output=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+              "-m", "autoseg", "train", "960", "3d_fullres", "0", "--epochs", "1", "--iterations-per-epoch", "2",
+              "--val-iterations", "1", "-j", "0", "--device", "cpu"]
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "res" / "Dataset960_Ddp" / "3d_fullres__autoseg" / "fold_0"
+    assert (folder / "checkpoint_final.pt").is_file()
+    assert "2 process(es)" in (folder / "training.log").read_text()
