@@ -158,6 +158,13 @@ def test_oversampled_patches_hold_foreground(cache: dict, name: str) -> None:
             assert target.max() > 0
 
 
+def test_forced_count_rounds_half_up_like_nnunet() -> None:
+    from autoseg.training.sampling import round_half_up
+
+    assert [round_half_up(0.33 * b) for b in (1, 2, 5, 7, 12)] == [0, 1, 2, 2, 4]
+    assert round_half_up(0.5 * 5) == 3  # nnU-Net: j >= round(5 * 0.5) = 2 -> 3 forced
+
+
 def test_patch_larger_than_case_is_padded(cache: dict) -> None:
     folder, ids, config = cache["3d_fullres"]
     big = dataclasses.replace(config, patch_size=(48, 48, 48))

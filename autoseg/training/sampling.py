@@ -35,12 +35,15 @@ class CacheMissingError(AutosegError):
 
 
 def round_half_up(value: float) -> int:
-    """round() without banker's rounding, so 0.33 * 5 and 0.33 * 7 oversample 2 samples, as nnU-Net does."""
+    """round() without banker's rounding: 0.5 of 5 samples forces 3, as nnU-Net's round(b * (1 - p)) rule."""
     return int(math.floor(value + 0.5))
 
 
 def initial_patch_size(patch: Sequence[int], *, rotation: float, scale_max: float) -> tuple[int, ...]:
-    """The box (voxels, array order) to read so that rotation and scaling stay inside real data.
+    """The enlarged "initial" patch (voxels, array order): the most any rotation and scaling can sample.
+
+    Reading this box around the patch keeps rotated and scaled samples on real data instead of padding;
+    the loader reads only the part of it that the drawn transform touches (augment.input_box).
 
     The patch's corners (half extents patch/2 around its centre) are rotated by every angle combination
     up to `rotation` radians about each rotated axis (capped at pi/2, beyond which the extent no longer
