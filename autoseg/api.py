@@ -25,7 +25,7 @@ PLANS_FILE = "plans.json"
 
 def example_dataset(
     out: str | Path, *, n_cases: int = 6, modality: str = "ct", anisotropic: bool = False,
-    seed: int = 0, size: int = 64, overwrite: bool = False,
+    seed: int = 0, size: int = 48, overwrite: bool = False,
 ) -> Path:
     """Write the synthetic example dataset (nnU-Net raw layout) to `out` and return its folder."""
     from autoseg.dataset.synthetic import make_example_dataset

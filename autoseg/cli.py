@@ -101,7 +101,7 @@ def example_dataset_command(
     modality: Annotated[str, typer.Option("--modality", help="ct or mri.")] = "ct",
     anisotropic: Annotated[bool, typer.Option("--anisotropic", help="Thick slices (~0.7x0.7x4.5 mm).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same dataset.")] = 0,
-    size: Annotated[int, typer.Option("--size", min=16, help="Approximate edge length in voxels.")] = 64,
+    size: Annotated[int, typer.Option("--size", min=16, help="Approximate edge length in voxels.")] = 48,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset there.")] = False,
 ) -> None:
     """Write a small synthetic labelled dataset (nnU-Net raw layout): autoseg's built-in example."""

@@ -47,7 +47,7 @@ def make_example_dataset(
     modality: str = "ct",
     anisotropic: bool = False,
     seed: int = 0,
-    size: int = 64,
+    size: int = 48,
     n_test: int = 2,
     overwrite: bool = False,
 ) -> Path:
