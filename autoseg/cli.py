@@ -25,7 +25,7 @@ app = typer.Typer(
     help=(
         "Self-configuring U-Net segmentation for medical volumes.\n\n"
         "Typical flow: autoseg example-dataset -> autoseg check 900 -> autoseg plan 900 -> "
-        "autoseg preprocess 900.\n"
+        "autoseg preprocess 900 -> autoseg train 900 3d_fullres 0.\n"
         "DATASET is a numeric id (900), a folder name under $AUTOSEG_RAW (Dataset900_Example) "
         "or a path to a raw dataset folder. Paths: AUTOSEG_RAW / AUTOSEG_PREPROCESSED / "
         "AUTOSEG_RESULTS (nnU-Net's nnUNet_* variables work too); default ./autoseg_data/."

@@ -26,7 +26,7 @@ def test_help_teaches_the_flow() -> None:
     assert result.exit_code == 0
     for command in ("example-dataset", "check", "fingerprint", "plan"):
         assert command in result.output
-    assert "AUTOSEG_RAW" in result.output
+    assert "AUTOSEG_RAW" in result.output and "train" in result.output
 
 
 def test_example_check_fingerprint_plan(roots: Path) -> None:

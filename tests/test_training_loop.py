@@ -148,3 +148,14 @@ def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path: Path) -> None
     folder = tmp_path / "res" / "Dataset960_Ddp" / "3d_fullres__autoseg" / "fold_0"
     assert (folder / "checkpoint_final.pt").is_file()
     assert "2 process(es)" in (folder / "training.log").read_text()
+
+
+def test_allocator_tuning_is_safe_to_call() -> None:
+    import platform
+
+    from autoseg.runtime.device import keep_freed_memory
+
+    applied = keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied
+    assert torch.ones(1000, 1000).sum().item() == 1_000_000

@@ -12,7 +12,7 @@ from autoseg.log import get_logger
 from autoseg.model_folder import ModelFolder
 from autoseg.paths import DatasetLocation
 from autoseg.planning.contract import Plans
-from autoseg.runtime.device import configure_threads, seed_all
+from autoseg.runtime.device import configure_threads, keep_freed_memory, seed_all
 from autoseg.runtime.distributed import RuntimeContext, shutdown
 from autoseg.serialization import load_contract
 from autoseg.training.loop import FoldRun, train_fold
@@ -65,6 +65,8 @@ def train_one_fold(location: DatasetLocation, dataset: Dataset, plans: Plans, co
     settings = resolve_settings(run.folder, overrides, resume=resume)
     context = RuntimeContext.from_env(device, amp=settings.amp)
     configure_threads(context.device)
+    if context.device.type == "cpu":
+        keep_freed_memory()
     seed_all(settings.seed + context.rank)
     handler = None
     if context.is_main:

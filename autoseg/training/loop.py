@@ -111,10 +111,15 @@ def _epoch(run: FoldRun, settings: TrainingSettings, context: RuntimeContext, ob
     losses = []
     steps = progress(range(settings.iterations_per_epoch), total=settings.iterations_per_epoch,
                      description=f"epoch {state.epoch + 1}/{settings.epochs}")
-    for _ in steps:
+    report_every = settings.iterations_per_epoch // 5 if settings.iterations_per_epoch >= 50 else 0
+    for step in steps:
         batch = to_device(next(train_loader), context.device, channels_last=settings.channels_last)
         losses.append(train_step(objects.network, objects.optimizer, objects.loss, batch, scaler=objects.scaler,
                                  amp_dtype=context.amp_dtype, grad_clip=settings.grad_clip))
+        if report_every and (step + 1) % report_every == 0 and context.is_main:
+            seconds = (time.perf_counter() - started) / (step + 1)
+            log.info("epoch %d: iteration %d/%d, loss %.4f, %.2f s per iteration", state.epoch + 1, step + 1,
+                     settings.iterations_per_epoch, float(np.mean(losses[-report_every:])), seconds)
     record: dict[str, Any] = {"epoch": state.epoch, "lr": lr, "train_loss": _mean(losses, context)}
     record.update(_validate(run, settings, context, objects, val_loader))
     mean_dice = float(np.nanmean(list(record["pseudo_dice"].values()))) if record["pseudo_dice"] else float("nan")
