@@ -193,7 +193,7 @@ def preprocess_command(
     names = tuple(configurations or (["3d_fullres"] if "3d_fullres" in plans.configurations else ["2d"]))
     folders = api.preprocess(dataset, configurations=names, workers=workers, overwrite=overwrite)
     for name, folder in folders.items():
-        _console().print(f"{name}: {folder}")
+        _console().print(f"{name}: {folder}", soft_wrap=True)
 
 
 @app.command("train")
@@ -235,7 +235,7 @@ def train_command(
     overrides = {key: value for key, value in given.items() if value is not None}
     fold_value: int | str = int(fold) if fold.isdigit() else fold
     folder = api.train(dataset, configuration, fold_value, overrides=overrides, device=device, resume=resume)
-    _console().print(f"model folder: {folder}")
+    _console().print(f"model folder: {folder}", soft_wrap=True)
 
 
 def main() -> None:

@@ -181,7 +181,7 @@ def _sample_anatomy(rng: np.random.Generator, geometry: Geometry) -> dict[str, d
     organ_c = body_c + rng.uniform(-0.3, 0.3, size=3) * (body_r - organ_r).clip(min=0)
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
-    lesion_r = organ_r.mean() * rng.uniform(0.4, 0.55) * rng.uniform(0.9, 1.1, size=3)
+    lesion_r = organ_r.mean() * rng.uniform(0.45, 0.6) * rng.uniform(0.9, 1.1, size=3)
     lesion_c = organ_c + direction * organ_r * rng.uniform(0.2, 0.8)
     return {
         "body": {"centre": body_c, "radii": body_r, "wobble": 0.08, "wavelength": extent.min()},
@@ -235,9 +235,9 @@ def _blend(base: np.ndarray, weight: np.ndarray, value: float) -> np.ndarray:
 
 
 def _ct_intensities(rng: np.random.Generator, implicit: dict[str, np.ndarray]) -> np.ndarray:
-    """Hounsfield units as int16: air -1000, soft tissue ~40, organ 80-100, lesion +-25-50."""
+    """Hounsfield units as int16: air -1000, soft tissue ~40, organ 80-100, lesion +-50-80 from the organ."""
     organ_hu = rng.uniform(80, 100)
-    lesion_hu = organ_hu + rng.choice([-1, 1]) * rng.uniform(25, 50)
+    lesion_hu = organ_hu + rng.choice([-1, 1]) * rng.uniform(50, 80)
     image = np.full(implicit["body"].shape, -1000, dtype=np.float32)
     body = _soft(implicit["body"])
     image = _blend(image, body, rng.uniform(30, 50))
