@@ -159,3 +159,21 @@ def test_allocator_tuning_is_safe_to_call() -> None:
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert applied
     assert torch.ones(1000, 1000).sum().item() == 1_000_000
+
+
+def test_two_d_configuration_trains_on_slices(example_dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    dataset = load_dataset(example_dataset)
+    plans = plan(extract_fingerprint(dataset), dataset)
+    config = plans.configurations["2d"]
+    small = dataclasses.replace(config, topology=dataclasses.replace(
+        config.topology, features_per_stage=(4, 8, 8, 8, 8, 8)[: config.topology.n_stages]), batch_size=4)
+    plans = dataclasses.replace(plans, configurations={"2d": small})
+    preprocess_dataset(dataset, plans, ["2d"], out_root=tmp_path / "pre" / dataset.name)
+    monkeypatch.setenv("AUTOSEG_PREPROCESSED", str(tmp_path / "pre"))
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(tmp_path / "res"))
+    location = DatasetLocation(name=dataset.name, raw=Path(dataset.root))
+    run = fold_run(location, dataset, plans, "2d", 1)
+    settings = dataclasses.replace(SMALL, epochs=1)
+    assert train_fold(run, settings, RuntimeContext(device=torch.device("cpu"))).epoch == 1
+    weights = _weights(run)
+    assert all(w.ndim in (1, 4) for w in weights.values())  # 2D convolutions
