@@ -50,13 +50,17 @@ def load(dataset: str | Path) -> Dataset:
 
 def fingerprint(dataset: str | Path, *, workers: int = 1, force: bool = False) -> Fingerprint:
     """The dataset's fingerprint, from cache unless the raw files changed or `force` is set."""
+    location = resolve_dataset(dataset)
+    return _fingerprint(location, load(location.raw), workers=workers, force=force, spec=dataset)
+
+
+def _fingerprint(location: DatasetLocation, parsed: Dataset, *, workers: int, force: bool,
+                 spec: str | Path) -> Fingerprint:
     from autoseg.fingerprint import dataset_hash, extract_fingerprint
 
-    location = resolve_dataset(dataset)
-    parsed = load(location.raw)
     cache = location.preprocessed / FINGERPRINT_FILE
     if cache.is_file() and not force:
-        cached = load_contract(cache, Fingerprint, rerun=f"autoseg fingerprint {dataset} --force")
+        cached = load_contract(cache, Fingerprint, rerun=f"autoseg fingerprint {spec} --force")
         if cached.source_hash == dataset_hash(parsed):
             log.info("fingerprint is up to date: %s", cache)
             return cached
@@ -75,8 +79,8 @@ def plan(
 
     location = resolve_dataset(dataset)
     parsed = load(location.raw)
-    result = make_plans(fingerprint(location.raw, workers=workers, force=force), parsed,
-                        memory_budget_gb=memory_budget_gb)
+    fp = _fingerprint(location, parsed, workers=workers, force=force, spec=dataset)
+    result = make_plans(fp, parsed, memory_budget_gb=memory_budget_gb)
     save_contract(plans_path(location), result)
     shutil.copyfile(Path(parsed.root) / "dataset.json", location.preprocessed / "dataset.json")
     log.info("wrote %s", plans_path(location))
@@ -91,12 +95,13 @@ def preprocess(
 
     Needs `plan` first. Finished cases are skipped unless `overwrite`; an interrupted run resumes.
     """
+    from autoseg.fingerprint import dataset_hash
     from autoseg.preprocessing.run import preprocess_dataset
 
     location = resolve_dataset(dataset)
     plans = load_plans(location.raw)
     parsed = load(location.raw)
-    if plans.fingerprint_hash != _current_hash(parsed):
+    if plans.fingerprint_hash != dataset_hash(parsed):
         log.warning("the raw dataset changed since it was planned: consider `autoseg plan %s --force`", dataset)
     return preprocess_dataset(parsed, plans, list(configurations), out_root=location.preprocessed,
                               workers=workers, overwrite=overwrite)
@@ -116,12 +121,6 @@ def train(
     location = resolve_dataset(dataset)
     return train_one_fold(location, load(location.raw), load_plans(location.raw), configuration, fold,
                           overrides=overrides or {}, device=device, resume=resume)
-
-
-def _current_hash(parsed: Dataset) -> str:
-    from autoseg.fingerprint import dataset_hash
-
-    return dataset_hash(parsed)
 
 
 def plans_path(location: DatasetLocation) -> Path:

@@ -71,7 +71,7 @@ def extract_fingerprint(
     dataset: Dataset, *, workers: int = 1, total_samples: int = DEFAULT_TOTAL_SAMPLES
 ) -> Fingerprint:
     """Analyse every case (in `workers` processes) and pool the foreground statistics."""
-    cases = [case for case in dataset.cases]
+    cases = list(dataset.cases)
     per_case = total_samples // max(len(cases), 1)
     results = list(progress(_run_cases(cases, per_case, workers), total=len(cases),
                             description="fingerprint"))

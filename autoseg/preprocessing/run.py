@@ -79,7 +79,8 @@ def preprocess_dataset(
     Finished cases (same files, same plan) are skipped unless `overwrite`; an interrupted run
     resumes where it stopped. Peak memory is that of `workers` cases at a time.
     """
-    folders = {}
+    folders: dict[str, Path] = {}
+    prepared: set[str] = set()  # data ids already done in this call (the cascade shares 3d_fullres data)
     for name in configurations:
         if name not in plans.configurations:
             known = ", ".join(plans.configurations)
@@ -87,8 +88,9 @@ def preprocess_dataset(
         config = plans.configurations[name]
         folder = out_root / config.data_id
         folders[name] = folder
-        if config.data_id in {plans.configurations[n].data_id for n in configurations[: configurations.index(name)]}:
-            continue  # the cascade shares 3d_fullres data
+        if config.data_id in prepared:
+            continue
+        prepared.add(config.data_id)
         folder.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(folder)
         jobs = _pending_jobs(dataset, plans, config, folder, overwrite=overwrite)

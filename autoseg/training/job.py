@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from autoseg.paths import DatasetLocation
 from autoseg.planning.contract import Plans
 from autoseg.runtime.device import configure_threads, keep_freed_memory, seed_all
 from autoseg.runtime.distributed import RuntimeContext, shutdown
-from autoseg.serialization import load_contract
+from autoseg.serialization import atomic_write, load_contract
 from autoseg.training.loop import FoldRun, train_fold
 from autoseg.training.progress import attach_log_file, detach_log_file
 from autoseg.training.settings import TrainingSettings
@@ -71,7 +72,8 @@ def train_one_fold(location: DatasetLocation, dataset: Dataset, plans: Plans, co
     handler = None
     if context.is_main:
         run.folder.write_metadata(plans, dataset_json=Path(dataset.root) / "dataset.json", settings=settings)
-        (run.folder.root / "splits.json").write_bytes((location.preprocessed / "splits.json").read_bytes())
+        splits = location.preprocessed / "splits.json"
+        atomic_write(run.folder.root / "splits.json", lambda tmp: shutil.copyfile(splits, tmp))
         run.folder.fold_dir(fold).mkdir(parents=True, exist_ok=True)
         handler = attach_log_file(run.folder.fold_dir(fold) / "training.log")
     try:
