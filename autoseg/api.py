@@ -6,16 +6,21 @@ The CLI is a thin layer over these; scripts and notebooks call them directly.
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from autoseg.dataset.contract import Dataset, Problem
-from autoseg.errors import PlanError
+from autoseg.dataset.contract import Dataset, LabelDef, Problem
+from autoseg.errors import DatasetError, PlanError, SettingsError
 from autoseg.fingerprint.contract import Fingerprint
-from autoseg.log import get_logger
-from autoseg.paths import DatasetLocation, resolve_dataset
+from autoseg.log import get_logger, is_main_rank
+from autoseg.paths import DatasetLocation, data_root, resolve_dataset
 from autoseg.planning.contract import Plans
 from autoseg.serialization import load_contract, save_contract
+
+if TYPE_CHECKING:
+    from autoseg.evaluation import EvaluationSummary
+    from autoseg.inference import PredictOptions, PredictReport
 
 log = get_logger("api")
 
@@ -109,18 +114,117 @@ def preprocess(
 
 def train(
     dataset: str | Path, configuration: str, fold: int | str, *, overrides: dict[str, Any] | None = None,
-    device: str = "auto", resume: bool = False,
+    device: str = "auto", resume: bool = False, validate: bool = True,
 ) -> Path:
     """Train one fold of one configuration; returns the model folder.
 
     `overrides` sets TrainingSettings fields (epochs, initial_lr, ...). With `resume`, the stored
-    settings of the run are the base, so `--continue --epochs 2000` extends a finished run.
+    settings of the run are the base, so `--continue --epochs 2000` extends a finished run. With
+    `validate`, the fold's validation cases are then predicted with full sliding windows and
+    evaluated (`fold_k/validation/summary.json`).
     """
     from autoseg.training.job import train_one_fold
 
     location = resolve_dataset(dataset)
-    return train_one_fold(location, load(location.raw), load_plans(location.raw), configuration, fold,
-                          overrides=overrides or {}, device=device, resume=resume)
+    folder = train_one_fold(location, load(location.raw), load_plans(location.raw), configuration, fold,
+                            overrides=overrides or {}, device=device, resume=resume)
+    if validate and is_main_rank():
+        validate_fold(dataset, configuration, fold, device=device)
+    return folder
+
+
+def validate_fold(dataset: str | Path, configuration: str, fold: int | str, *, device: str = "auto",
+                  save_probabilities: bool = True) -> EvaluationSummary | None:
+    """Predict a trained fold's validation cases (from the cache) and evaluate them against labelsTr."""
+    from autoseg.evaluation import evaluate_folder
+    from autoseg.inference.validation import predict_validation
+    from autoseg.training.job import fold_run
+
+    location = resolve_dataset(dataset)
+    parsed = load(location.raw)
+    run = fold_run(location, parsed, load_plans(location.raw), configuration, fold)
+    if not run.val_ids:
+        log.info("fold %s has no validation cases: nothing to validate", fold)
+        return None
+    output = predict_validation(run.folder, fold, cache=run.cache, case_ids=run.val_ids,
+                                file_ending=parsed.file_ending, device=device, save_probabilities=save_probabilities)
+    return evaluate_folder(output, Path(parsed.root) / "labelsTr", parsed.foreground_labels,
+                           file_ending=parsed.file_ending, ignore_label=parsed.ignore_label, cases=run.val_ids)
+
+
+def model_folder(dataset: str | Path, configuration: str, plans_name: str = "autoseg") -> Path:
+    """Where `autoseg train` put (or will put) a configuration's model folder."""
+    return _results_folder(dataset) / f"{configuration}__{plans_name}"
+
+
+def _results_folder(dataset: str | Path) -> Path:
+    """The dataset's results folder, also on a machine that has the trained models but not the raw data."""
+    try:
+        return resolve_dataset(dataset).results
+    except DatasetError:
+        root, text = data_root("results"), str(dataset)
+        pattern = f"Dataset{int(text):03d}_*" if text.isdigit() else text
+        matches = sorted(p for p in root.glob(pattern) if p.is_dir()) if root.is_dir() else []
+        if len(matches) == 1:
+            return matches[0]
+        raise
+
+
+def predict(
+    source: str | Path, output: str | Path, *, dataset: str | Path | None = None, configuration: str = "3d_fullres",
+    plans_name: str = "autoseg", model: str | Path | None = None, options: PredictOptions | None = None,
+    overwrite: bool = False, save_probabilities: bool = False,
+) -> PredictReport:
+    """Segment every scan in `source` (a folder of CASE_XXXX files, or one file) into `output`.
+
+    The model is `model` (a model folder path) or the `configuration` of `dataset` under AUTOSEG_RESULTS.
+    """
+    from autoseg.inference import Predictor, predict_folder
+
+    if model is None:
+        if dataset is None:
+            raise SettingsError("say which model to use", hint="pass -d DATASET -c CONFIGURATION, or -m MODEL_FOLDER")
+        model = model_folder(dataset, configuration, plans_name)
+    predictor = Predictor.from_folder(Path(model), options)
+    return predict_folder(predictor, Path(source), Path(output), overwrite=overwrite,
+                          save_probabilities=save_probabilities)
+
+
+def evaluate(
+    predictions: str | Path, reference: str | Path, *, dataset: str | Path | None = None, distances: bool = False,
+    tolerance_mm: float = 1.0, workers: int = 1, output: str | Path | None = None,
+) -> EvaluationSummary:
+    """Compare a folder of predicted label maps with reference labels (Dice, IoU, optional HD95 / NSD)."""
+    from autoseg.evaluation import evaluate_folder
+
+    labels, ignore = _evaluation_labels(Path(predictions), dataset)
+    ending = _common_ending(Path(predictions))
+    return evaluate_folder(predictions, reference, labels, file_ending=ending, ignore_label=ignore,
+                           distances=distances, tolerance_mm=tolerance_mm, workers=workers, output=output)
+
+
+def _evaluation_labels(predictions: Path, dataset: str | Path | None) -> tuple[tuple[LabelDef, ...], int | None]:
+    """Labels from the dataset when given, else from the prediction folder's prediction.json."""
+    if dataset is not None:
+        parsed = load(resolve_dataset(dataset).raw)
+        return parsed.foreground_labels, parsed.ignore_label
+    from autoseg.inference.info import INFO_FILE, read_prediction_info
+
+    if not (predictions / INFO_FILE).is_file():
+        raise SettingsError("the labels to evaluate are unknown", path=predictions,
+                            hint="pass -d DATASET (the folder has no prediction.json from `autoseg predict`)")
+    info = read_prediction_info(predictions)
+    return tuple(label for label in info.labels if label.values != (0,)), None
+
+
+def _common_ending(folder: Path) -> str:
+    from autoseg.io.readers import file_ending
+
+    endings = Counter(file_ending(path) for path in folder.iterdir() if path.is_file() and file_ending(path))
+    if not endings:
+        raise SettingsError("no image files in the prediction folder", path=folder,
+                            hint="point at the folder `autoseg predict` wrote")
+    return endings.most_common(1)[0][0]
 
 
 def plans_path(location: DatasetLocation) -> Path:

@@ -25,7 +25,8 @@ app = typer.Typer(
     help=(
         "Self-configuring U-Net segmentation for medical volumes.\n\n"
         "Typical flow: autoseg example-dataset -> autoseg check 900 -> autoseg plan 900 -> "
-        "autoseg preprocess 900 -> autoseg train 900 3d_fullres 0.\n"
+        "autoseg preprocess 900 -> autoseg train 900 3d_fullres 0 -> autoseg predict -i scans -o out -d 900 "
+        "-> autoseg evaluate out labels.\n"
         "DATASET is a numeric id (900), a folder name under $AUTOSEG_RAW (Dataset900_Example) "
         "or a path to a raw dataset folder. Paths: AUTOSEG_RAW / AUTOSEG_PREPROCESSED / "
         "AUTOSEG_RESULTS (nnU-Net's nnUNet_* variables work too); default ./autoseg_data/."
@@ -222,6 +223,8 @@ def train_command(
                                                          help="torch.compile on CUDA (default off).")] = None,
     resume: Annotated[bool, typer.Option("--continue", help=(
         "Continue from the last checkpoint; with a larger --epochs, extend a finished run."))] = False,
+    validate: Annotated[bool, typer.Option("--validate/--no-validate", help=(
+        "At the end, predict the fold's validation cases with full sliding windows and evaluate them."))] = True,
 ) -> None:
     """Train one fold of one configuration; writes the model folder under AUTOSEG_RESULTS.
 
@@ -234,8 +237,18 @@ def train_command(
              "checkpoint_every": checkpoint_every, "seed": seed, "amp": amp, "compile": compile_network}
     overrides = {key: value for key, value in given.items() if value is not None}
     fold_value: int | str = int(fold) if fold.isdigit() else fold
-    folder = api.train(dataset, configuration, fold_value, overrides=overrides, device=device, resume=resume)
+    folder = api.train(dataset, configuration, fold_value, overrides=overrides, device=device, resume=resume,
+                       validate=validate)
     _console().print(f"model folder: {folder}", soft_wrap=True)
+    summary_file = folder / f"fold_{fold_value}" / "validation" / "summary.json"
+    if validate and summary_file.is_file():
+        from autoseg.cli_tables import evaluation_table
+        from autoseg.evaluation import load_summary
+
+        _console().print(evaluation_table(load_summary(summary_file)))
+
+
+from autoseg import cli_inference  # noqa: E402,F401  (registers predict, evaluate, ... on `app`)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from autoseg.evaluation.contract import EvaluationSummary
 from autoseg.fingerprint.contract import Fingerprint
 from autoseg.planning.contract import Plans
 
@@ -53,3 +54,16 @@ def plans_table(plans: Plans) -> tuple[Table, list[str]]:
         table.add_row(field.replace("_", " "), *(_fmt(row[field]) for row in rows))
     notes = [f"{row.get('name', '')}: {note}" for row in rows for note in row.get("notes", [])]
     return table, notes
+
+
+def evaluation_table(summary: EvaluationSummary) -> Table:
+    """Mean metrics per label over the evaluated cases, and the foreground mean."""
+    from autoseg.evaluation import summary_rows
+
+    header, *rows = summary_rows(summary)
+    table = Table(title=f"{len(summary.cases)} case(s) evaluated", title_justify="left")
+    for column in header:
+        table.add_column(column, justify="left" if column == header[0] else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -3,6 +3,7 @@
     <results>/<dataset>/<configuration>__<plans name>/
         plans.json  dataset.json  training.json  splits.json
         fold_<k>/checkpoint_{final,best,latest}.pt  metrics.jsonl  progress.png  training.log
+        fold_<k>/validation/CASE<ending>  CASE.npz  prediction.json  summary.json
 
 Checkpoints hold only tensors and plain data, loaded with `torch.load(weights_only=True)`; the
 network is rebuilt from the plan's Topology, never unpickled, so any folder loads without code.
@@ -50,6 +51,10 @@ class ModelFolder:
 
     def fold_dir(self, fold: int | str) -> Path:
         return self.root / f"fold_{fold}"
+
+    def validation_dir(self, fold: int | str) -> Path:
+        """Full sliding-window predictions of the fold's validation cases, and their evaluation."""
+        return self.fold_dir(fold) / "validation"
 
     def checkpoint(self, fold: int | str, name: str) -> Path:
         return self.fold_dir(fold) / f"checkpoint_{name}.pt"

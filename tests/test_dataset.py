@@ -32,6 +32,7 @@ def test_example_dataset_is_clean_and_loads(example_dataset: Path) -> None:
     assert dataset.file_ending == ".nii.gz" and dataset.num_training == 4
     assert sorted(p.name for p in (example_dataset / "imagesTs").iterdir()) == [
         "test_000_0000.nii.gz", "test_001_0000.nii.gz"]
+    assert sorted(p.name for p in (example_dataset / "labelsTs").iterdir()) == ["test_000.nii.gz", "test_001.nii.gz"]
 
 
 def test_example_cases_have_both_labels_and_scan_like_geometry(example_dataset: Path) -> None:

@@ -5,7 +5,7 @@ Importing this package loads numpy only (no torch, no SimpleITK until a file is 
 
 from autoseg.dataset.check import check_dataset
 from autoseg.dataset.contract import Case, Dataset, LabelDef, Problem
-from autoseg.dataset.load import load_dataset, scan_dataset
+from autoseg.dataset.load import load_dataset, read_dataset_json, scan_dataset
 from autoseg.dataset.synthetic import make_example_dataset
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "check_dataset",
     "load_dataset",
     "make_example_dataset",
+    "read_dataset_json",
     "scan_dataset",
 ]

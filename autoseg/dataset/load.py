@@ -33,6 +33,22 @@ def load_dataset(root: str | Path) -> Dataset:
     return dataset
 
 
+def read_dataset_json(path: str | Path) -> Dataset:
+    """The labels, channels and file ending of a dataset.json alone (no cases), e.g. a model folder's copy."""
+    path = Path(path)
+    raw, problems = _read_json(path) if path.is_file() else (None, [])
+    if raw is None or _check_keys(raw, path):
+        raise DatasetError("dataset.json is missing or unreadable", path=path,
+                           hint="the model folder is incomplete: copy the dataset's dataset.json into it")
+    labels, ignore = _parse_labels(raw["labels"], path, problems)
+    order = raw.get("regions_class_order")
+    return Dataset(
+        name=path.parent.name, root=str(path.parent), channel_names=_parse_channels(raw, path, problems),
+        labels=labels, file_ending=str(raw["file_ending"]), num_training=0, cases=(), ignore_label=ignore,
+        regions_class_order=tuple(int(v) for v in order) if isinstance(order, list) else None,
+    )
+
+
 def scan_dataset(root: str | Path) -> tuple[Dataset | None, list[Problem]]:
     """Parse dataset.json and list the cases; never raises for dataset faults."""
     root = Path(root).resolve()

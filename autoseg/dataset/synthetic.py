@@ -26,7 +26,7 @@ from autoseg.serialization import write_json
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 MODALITIES = {"ct": "CT", "mri": "MRI"}
 FILE_ENDING = ".nii.gz"
-_TEST_OFFSET = 100_000  # seed stream offset of the unlabelled imagesTs cases
+_TEST_OFFSET = 100_000  # seed stream offset of the held-out imagesTs cases
 
 log = get_logger("dataset")
 
@@ -54,8 +54,9 @@ def make_example_dataset(
     """Write the example dataset to `root` (e.g. `.../Dataset900_Example`) and return its path.
 
     `size` is the typical number of voxels per in-plane axis (each case is jittered by about
-    +-15%); `n_test` unlabelled cases go to imagesTs/. An existing dataset in `root` is replaced
-    only with `overwrite=True`; other files in `root` are never touched.
+    +-15%); `n_test` held-out cases go to imagesTs/, their labels to labelsTs/ (for `autoseg evaluate`).
+    An existing dataset in `root` is replaced only with `overwrite=True`; other files in `root` are
+    never touched.
     """
     key = _check_settings(n_cases=n_cases, modality=modality, seed=seed, size=size, n_test=n_test)
     root = Path(root).resolve()
@@ -69,6 +70,7 @@ def make_example_dataset(
     for index in range(n_test):
         case = synthesize_case((seed, _TEST_OFFSET + index), **settings)
         write_image(case.image, case.geometry, root / "imagesTs" / f"test_{index:03d}_0000{FILE_ENDING}")
+        write_label(case.label, case.geometry, root / "labelsTs" / f"test_{index:03d}{FILE_ENDING}")
     write_json(root / "dataset.json", _dataset_json(root.name, n_cases, key, anisotropic, seed, size))
     log.info("wrote example dataset %s (%d cases, %s)", root, n_cases, MODALITIES[key])
     return root
@@ -111,7 +113,7 @@ def _check_settings(*, n_cases: int, modality: str, seed: int, size: int, n_test
 
 def _prepare_root(root: Path, *, overwrite: bool) -> None:
     """Refuse to mix with an existing dataset unless asked; then remove only our own layout."""
-    ours = [root / "dataset.json", root / "imagesTr", root / "labelsTr", root / "imagesTs"]
+    ours = [root / "dataset.json", root / "imagesTr", root / "labelsTr", root / "imagesTs", root / "labelsTs"]
     existing = [p for p in ours if p.exists()]
     if existing and not overwrite:
         raise DatasetError("the folder already holds a dataset", path=root,

@@ -7,6 +7,8 @@ Arrays come back in autoseg's (z, y, x) order; channels are stacked first: (c, z
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -184,8 +186,20 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None
         array = array[0]
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     geometry.apply_to(image)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written beside the target under a name with the same ending (the format follows it), then renamed:
+    # an interrupted run never leaves a half-written image under the final name
+    if file_ending(path) in (".mhd", ".nhdr"):  # detached data file: its name is inside the header
+        sitk.WriteImage(image, str(path), useCompression=True)
+        return
+    # a plain temporary name: ITK reads meaning into inner dots (".img" would make NIfTI write Analyze pairs)
+    tmp = path.with_name(f".autoseg-partial-{os.getpid()}-{threading.get_ident()}{file_ending(path)}")
+    try:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_label(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:

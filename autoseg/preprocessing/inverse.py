@@ -49,3 +49,21 @@ def restore_probabilities(
     outside[tuple(slice(a, b) for a, b in properties.crop_box)] = False
     full[0][outside] = 1.0
     return _untranspose(full, plans, leading=1)
+
+
+def resample_to_crop(channel: np.ndarray, properties: CaseProperties, *, config: Configuration) -> np.ndarray:
+    """One float map (z, y, x) on the preprocessed grid -> the cropped original grid (still transposed).
+
+    Used channel by channel, so exporting a many-class prediction never holds every class at full size.
+    """
+    return resample_probabilities(
+        channel[None].astype(np.float32, copy=False), properties.shape_after_crop,
+        order=config.resampling.order_probabilities, order_z=config.resampling.order_z,
+        separate_axis=_axis(properties, config))[0]
+
+
+def place_in_original(array: np.ndarray, properties: CaseProperties, *, plans: Plans, fill: float = 0,
+                      leading: int = 0) -> np.ndarray:
+    """Undo the crop (filling outside with `fill`) and the transpose of a cropped-grid array."""
+    full = uncrop(array, properties.crop_box, properties.shape_before_crop, fill=fill)
+    return _untranspose(full, plans, leading=leading)

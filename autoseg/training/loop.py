@@ -20,6 +20,7 @@ from autoseg.log import get_logger, progress
 from autoseg.model_folder import ModelFolder, load_checkpoint, save_checkpoint
 from autoseg.planning.contract import Configuration
 from autoseg.runtime.distributed import RuntimeContext, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
+from autoseg.training.augment import resolve as resolve_augmentation
 from autoseg.training.data import make_loader
 from autoseg.training.progress import append_metrics, keep_metrics_until, plot_progress, read_metrics
 from autoseg.training.settings import TrainingSettings, poly_lr
@@ -169,19 +170,19 @@ def _record_and_save(run: FoldRun, settings: TrainingSettings, objects: Any, sta
              _fmt(state.ema_dice), record["lr"], record["epoch_seconds"], remaining / 60)
     if state.ema_dice is not None and (state.best_ema_dice is None or state.ema_dice > state.best_ema_dice):
         state.best_ema_dice = state.ema_dice
-        save_checkpoint(run.folder.checkpoint(run.fold, "best"), _payload(objects, state, settings))
+        save_checkpoint(run.folder.checkpoint(run.fold, "best"), _payload(run, objects, state, settings))
     finished = state.epoch >= settings.epochs
     if finished or state.epoch % settings.checkpoint_every == 0:
-        save_checkpoint(run.folder.checkpoint(run.fold, "latest"), _payload(objects, state, settings))
+        save_checkpoint(run.folder.checkpoint(run.fold, "latest"), _payload(run, objects, state, settings))
     if finished:
-        save_checkpoint(run.folder.checkpoint(run.fold, "final"), _payload(objects, state, settings))
+        save_checkpoint(run.folder.checkpoint(run.fold, "final"), _payload(run, objects, state, settings))
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _payload(objects: Any, state: TrainingState, settings: TrainingSettings) -> dict[str, Any]:
+def _payload(run: FoldRun, objects: Any, state: TrainingState, settings: TrainingSettings) -> dict[str, Any]:
     return {
         "network": unwrap_model(objects.network).state_dict(),
         "optimizer": objects.optimizer.state_dict(),
@@ -191,6 +192,8 @@ def _payload(objects: Any, state: TrainingState, settings: TrainingSettings) -> 
         "ema_dice": state.ema_dice,
         "best_ema_dice": state.best_ema_dice,
         "torch_rng": torch.get_rng_state(),
+        # the axes mirrored in training: the ones test-time augmentation may flip
+        "mirror_axes": list(resolve_augmentation(settings.augmentation, run.config.patch_size).mirror_axes),
     }
 
 

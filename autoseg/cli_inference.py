@@ -1,0 +1,99 @@
+"""Commands after training: predict, evaluate (registered on the `autoseg` app by autoseg.cli)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from autoseg.cli import WorkersOpt, _console, app, guarded
+from autoseg.errors import SettingsError
+
+FOLD_HELP = ("Folds to average (default: every trained fold). Repeat (-f 0 -f 1), or list them as nnU-Net does: "
+             "-f 0 1 2 3 4.")
+
+
+@app.command("predict", context_settings={"allow_extra_args": True})
+@guarded
+def predict_command(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Option("--input", "-i", help="Folder of CASE_0000<ending> scans, or one file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the CASE<ending> label maps.")],
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset whose trained model to use.")] = None,
+    configuration: Annotated[str, typer.Option("--configuration", "-c", help="2d, 3d_fullres, 3d_lowres.")
+                             ] = "3d_fullres",
+    folds: Annotated[list[str] | None, typer.Option("--folds", "-f", help=FOLD_HELP)] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help=(
+        "A model folder (<config>__<plans>) anywhere on disk, instead of -d/-c."))] = None,
+    plans_name: Annotated[str, typer.Option("--plans", help="Plans name of the model folder.")] = "autoseg",
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="final, best or latest.")] = "final",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation (8x work in 3D).")
+                   ] = True,
+    step_size: Annotated[float, typer.Option("--step-size", min=0.05, max=1.0, help=(
+        "Tile step as a fraction of the patch (0.5: tiles overlap by half)."))] = 0.5,
+    tiles_per_batch: Annotated[int | None, typer.Option("--tiles-per-batch", min=1, help=(
+        "Tiles per forward pass (default: 1 on CPU, the plan's batch size on GPU)."))] = None,
+    amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help=(
+        "Also write CASE.npz with class probabilities (for `autoseg ensemble`)."))] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict cases whose output exists too.")] = False,
+) -> None:
+    """Segment new scans with a trained model; outputs open on top of the inputs in ITK-SNAP / Slicer.
+
+    Example: autoseg predict -i scans/ -o segmentations/ -d 4 -c 3d_fullres -f 0 1 2 3 4
+    Scans are named like the training images (CASE_0000.nii.gz, CASE_0001.nii.gz for a 2nd channel).
+    A case that cannot be read is reported and skipped; the exit code is 1 if any case failed.
+    """
+    from autoseg import api
+    from autoseg.inference import PredictOptions
+
+    fold_list = _folds(list(folds or []) + list(ctx.args))
+    options = PredictOptions(folds=fold_list, checkpoint=checkpoint, device=device, tta=tta, step_size=step_size,
+                             tiles_per_batch=tiles_per_batch, amp=amp)
+    report = api.predict(source, output, dataset=dataset, configuration=configuration, plans_name=plans_name,
+                         model=model, options=options, overwrite=overwrite, save_probabilities=save_probabilities)
+    console = _console()
+    console.print(f"{len(report.written)} written, {len(report.skipped)} already there, {len(report.failed)} failed "
+                  f"-> {output}", soft_wrap=True)
+    for case_id, message in report.failed.items():
+        _console(stderr=True).print(f"[bold red]failed:[/] {case_id}: {message}", soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def _folds(values: list[str]) -> tuple[str, ...] | None:
+    for value in values:
+        if not (value.isdigit() or value == "all"):
+            raise SettingsError(f"unexpected argument {value!r}", hint="folds are numbers or `all`: -f 0 1 2 3 4")
+    return tuple(dict.fromkeys(values)) or None
+
+
+@app.command("evaluate")
+@guarded
+def evaluate_command(
+    ctx: typer.Context,
+    predictions: Annotated[Path, typer.Argument(help="Folder of predicted CASE<ending> label maps.")],
+    reference: Annotated[Path, typer.Argument(help="Folder of reference labels with the same file names.")],
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help=(
+        "Dataset for the label names (default: the prediction folder's prediction.json)."))] = None,
+    distances: Annotated[bool, typer.Option("--distances", help="Also HD95 and normalised surface Dice (mm).")
+                         ] = False,
+    tolerance: Annotated[float, typer.Option("--tolerance-mm", min=0.0, help="Surface Dice tolerance in mm.")
+                         ] = 1.0,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Summary file (default PRED/summary.json).")
+                      ] = None,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Dice, IoU, TP/FP/FN and volumes per case and label; HD95 and surface Dice with --distances.
+
+    Cases present in both folders are compared; the summary goes to PRED/summary.json.
+    """
+    from autoseg import api
+    from autoseg.cli_tables import evaluation_table
+
+    summary = api.evaluate(predictions, reference, dataset=dataset, distances=distances, tolerance_mm=tolerance,
+                           workers=workers, output=output)
+    _console().print(evaluation_table(summary))
+    _console().print(f"summary: {output or predictions / 'summary.json'}", soft_wrap=True)

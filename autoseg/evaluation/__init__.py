@@ -1,0 +1,64 @@
+"""Evaluation stage: metrics (pure), evaluation of a prediction folder, summary.json, choice of the best setup.
+
+Importing this package loads numpy only; scipy and SimpleITK load when a metric or file needs them.
+"""
+
+from autoseg.evaluation.contract import (
+    CaseEvaluation,
+    EvaluationError,
+    EvaluationSettings,
+    EvaluationSummary,
+    LabelMean,
+    LabelMetrics,
+)
+from autoseg.evaluation.evaluate import (
+    evaluate_arrays,
+    evaluate_folder,
+    load_summary,
+    metric_spacing,
+    pair_cases,
+    summarize,
+    summary_rows,
+)
+from autoseg.evaluation.metrics import (
+    Counts,
+    SurfaceScores,
+    confusion_counts,
+    dice_score,
+    hausdorff95,
+    image_diagonal_mm,
+    iou_score,
+    normalized_surface_dice,
+    surface,
+    surface_distances,
+    surface_scores,
+    volume_mm3,
+)
+
+__all__ = [
+    "CaseEvaluation",
+    "Counts",
+    "EvaluationError",
+    "EvaluationSettings",
+    "EvaluationSummary",
+    "LabelMean",
+    "LabelMetrics",
+    "SurfaceScores",
+    "confusion_counts",
+    "dice_score",
+    "evaluate_arrays",
+    "evaluate_folder",
+    "hausdorff95",
+    "image_diagonal_mm",
+    "iou_score",
+    "load_summary",
+    "metric_spacing",
+    "normalized_surface_dice",
+    "pair_cases",
+    "summarize",
+    "summary_rows",
+    "surface",
+    "surface_distances",
+    "surface_scores",
+    "volume_mm3",
+]

@@ -1,0 +1,109 @@
+"""From the network's logits on the preprocessed grid to a label map (and probabilities) on the input's grid.
+
+Like nnU-Net, the logits are resampled back (not the label map), then turned into classes: argmax
+for plain labels, sigmoid > 0.5 per region for region-trained models. Without probabilities the
+classes are decided one channel at a time (running argmax), so exporting a 100-class CT needs one
+channel at full size, not a hundred.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from autoseg.dataset.contract import Dataset
+from autoseg.planning.contract import Configuration, Plans
+from autoseg.preprocessing.contract import CaseProperties
+from autoseg.preprocessing.inverse import place_in_original, resample_to_crop
+
+
+@dataclass(frozen=True)
+class LabelSemantics:
+    """How channels become label values: softmax + argmax, or one sigmoid per region written in order."""
+
+    region_values: tuple[int, ...] | None = None  # label value written for each region channel, in channel order
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset) -> LabelSemantics:
+        if not dataset.has_regions:
+            return cls()
+        regions = [label.values for label in dataset.foreground_labels]
+        if dataset.regions_class_order is not None:
+            return cls(tuple(dataset.regions_class_order))
+        return cls(tuple(_region_value(i, regions) for i in range(len(regions))))
+
+    @property
+    def is_regions(self) -> bool:
+        return self.region_values is not None
+
+
+def _region_value(index: int, regions: Sequence[tuple[int, ...]]) -> int:
+    """Without regions_class_order: a region's own value, i.e. what no smaller nested region claims."""
+    own = set(regions[index])
+    for other in regions:
+        if set(other) < own:
+            own -= set(other)
+    return min(own) if own else min(regions[index])
+
+
+def logits_to_probabilities(logits: np.ndarray, semantics: LabelSemantics) -> np.ndarray:
+    """Softmax over channels, or a sigmoid per region channel; float32, (c, ...)."""
+    logits = logits.astype(np.float32, copy=False)
+    if semantics.is_regions:
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
+    shifted /= shifted.sum(axis=0, keepdims=True)
+    return shifted
+
+
+def probabilities_to_labels(probabilities: np.ndarray, semantics: LabelSemantics) -> np.ndarray:
+    """Label map (uint8, or int16 beyond 255 classes) from probabilities (c, ...)."""
+    if not semantics.is_regions:
+        labels = probabilities.argmax(axis=0)
+        return labels.astype(np.uint8 if probabilities.shape[0] <= 256 else np.int16)
+    assert semantics.region_values is not None
+    out = np.zeros(probabilities.shape[1:], dtype=np.uint8 if max(semantics.region_values) < 256 else np.int16)
+    for channel, value in enumerate(semantics.region_values):
+        out[probabilities[channel] > 0.5] = value
+    return out
+
+
+def restore_prediction(
+    logits: np.ndarray, properties: CaseProperties, *, plans: Plans, config: Configuration,
+    semantics: LabelSemantics, with_probabilities: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (c, *grid) -> (label map, probabilities or None) in the input file's array order (z, y, x)."""
+    if with_probabilities:
+        cropped = np.stack([resample_to_crop(channel, properties, config=config) for channel in logits])
+        probabilities = logits_to_probabilities(cropped, semantics)
+        del cropped
+        labels = probabilities_to_labels(probabilities, semantics)
+        full = place_in_original(probabilities, properties, plans=plans, fill=0.0, leading=1)
+        if not semantics.is_regions:  # outside the crop (no body), background is certain
+            inside = place_in_original(np.ones(properties.shape_after_crop, dtype=bool), properties, plans=plans,
+                                       fill=False)
+            full[0][~inside] = 1.0
+        return place_in_original(labels, properties, plans=plans), full
+    return place_in_original(_streamed_labels(logits, properties, config, semantics), properties, plans=plans), None
+
+
+def _streamed_labels(logits: np.ndarray, properties: CaseProperties, config: Configuration,
+                     semantics: LabelSemantics) -> np.ndarray:
+    """Class decision channel by channel: a running argmax (plain labels) or sigmoid > 0.5 <=> logit > 0."""
+    if semantics.is_regions:
+        assert semantics.region_values is not None
+        out = np.zeros(properties.shape_after_crop, dtype=np.uint8 if max(semantics.region_values) < 256
+                       else np.int16)
+        for channel, value in zip(logits, semantics.region_values):
+            out[resample_to_crop(channel, properties, config=config) > 0] = value
+        return out
+    best = resample_to_crop(logits[0], properties, config=config)
+    labels = np.zeros(best.shape, dtype=np.uint8 if len(logits) <= 256 else np.int16)
+    for index in range(1, len(logits)):
+        candidate = resample_to_crop(logits[index], properties, config=config)
+        better = candidate > best
+        labels[better] = index
+        np.maximum(best, candidate, out=best)
+    return labels

@@ -1,0 +1,186 @@
+"""Predictor: the trained networks of one model folder, ready to segment arrays or files.
+
+`Predictor.from_folder(folder)` rebuilds the network from the folder's plan and loads each fold's
+weights (weights_only); `predict(images, geometry=...)` preprocesses exactly as in training, slides
+the window, averages the folds and returns the label map on the input's own grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from autoseg.dataset.contract import Dataset
+from autoseg.dataset.load import read_dataset_json
+from autoseg.errors import SettingsError
+from autoseg.inference.export import LabelSemantics, restore_prediction
+from autoseg.inference.sliding import WindowSettings, sliding_window_logits
+from autoseg.io.geometry import DUMMY_2D_SPACING, Geometry
+from autoseg.io.readers import read_images
+from autoseg.log import get_logger
+from autoseg.model_folder import CheckpointError, ModelFolder, load_checkpoint
+from autoseg.planning.contract import Configuration, Plans
+from autoseg.preprocessing.case import preprocess_arrays
+from autoseg.preprocessing.contract import CaseProperties
+from autoseg.runtime.device import amp_dtype, pick_device
+
+log = get_logger("inference")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A label map (z, y, x) on the input's grid, its geometry, and probabilities (c, z, y, x) if asked."""
+
+    labels: np.ndarray
+    geometry: Geometry
+    probabilities: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Knobs of prediction; every one is a flag of `autoseg predict`."""
+
+    folds: tuple[str, ...] | None = None  # None: every fold with the checkpoint
+    checkpoint: str = "final"
+    device: str = "auto"
+    tta: bool = True
+    step_size: float = 0.5
+    tiles_per_batch: int | None = None  # None: 1 on CPU, the plan's batch size on a GPU
+    amp: bool = True
+
+
+class Predictor:
+    """Networks of one configuration (one per fold) and what is needed to use them."""
+
+    def __init__(self, networks: Sequence[nn.Module], *, plans: Plans, config: Configuration, dataset: Dataset,
+                 window: WindowSettings, device: torch.device, amp: torch.dtype | None,
+                 source: Path | None = None, folds: tuple[str, ...] = ()) -> None:
+        self.networks = list(networks)
+        self.source, self.folds = source, folds
+        self.plans, self.config, self.dataset = plans, config, dataset
+        self.semantics = LabelSemantics.from_dataset(dataset)
+        self.window, self.device, self.amp = window, device, amp
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, options: PredictOptions | None = None) -> Predictor:
+        """Load a model folder (`<results>/<dataset>/<configuration>__<plans>`) for prediction."""
+        options = options or PredictOptions()
+        model = ModelFolder(Path(folder))
+        plans = model.load_plans()
+        config = plans.configurations[_configuration_name(model, plans)]
+        if config.previous_stage:
+            raise SettingsError(f"{config.name} is a cascade stage, which this version cannot run yet",
+                                hint="predict with 3d_fullres or 3d_lowres")
+        dataset = read_dataset_json(model.dataset_file)
+        folds = options.folds or _available_folds(model, options.checkpoint)
+        device = pick_device(options.device)
+        networks, mirror_axes = [], None
+        for fold in folds:
+            network, axes = _load_network(model, fold, options.checkpoint, plans, config)
+            networks.append(network.to(device))
+            mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in axes)
+        tiles = options.tiles_per_batch or (1 if device.type == "cpu" else config.batch_size)
+        window = WindowSettings(patch=tuple(config.patch_size), step=options.step_size,
+                                mirror_axes=tuple(mirror_axes or ()) if options.tta else (), tiles_per_batch=tiles)
+        log.info("loaded %s (folds %s) on %s; test-time mirroring over axes %s", model.root.name,
+                 ", ".join(folds), device, window.mirror_axes or "none")
+        return cls(networks, plans=plans, config=config, dataset=dataset, window=window, device=device,
+                   amp=amp_dtype(device, enabled=options.amp), source=model.root.resolve(), folds=tuple(folds))
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.plans.channel_names)
+
+    def predict_logits(self, data: np.ndarray) -> np.ndarray:
+        """Mean logits (classes, z, y, x) over folds and mirrors for a preprocessed volume (c, z, y, x)."""
+        logits = sliding_window_logits(self.networks, data, self.window, num_classes=self.plans.num_classes,
+                                       device=self.device, amp=self.amp)
+        return logits.numpy()
+
+    def predict_preprocessed(self, data: np.ndarray, properties: CaseProperties, *,
+                             with_probabilities: bool = False) -> Prediction:
+        """A case already on the network's grid (e.g. from the training cache) -> its original grid."""
+        logits = self.predict_logits(data)
+        labels, probabilities = restore_prediction(logits, properties, plans=self.plans, config=self.config,
+                                                   semantics=self.semantics, with_probabilities=with_probabilities)
+        return Prediction(labels=labels, geometry=properties.geometry, probabilities=probabilities)
+
+    def predict(self, images: np.ndarray, *, geometry: Geometry | None = None,
+                spacing: Sequence[float] | None = None, with_probabilities: bool = False) -> Prediction:
+        """Segment one scan: images (c, z, y, x) as read, with its geometry or just its spacing (z, y, x)."""
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim == 3:
+            images = images[None]
+        geometry = geometry or _geometry_from_spacing(images.shape[1:], spacing)
+        if images.shape[0] != self.num_channels:
+            raise SettingsError(f"the scan has {images.shape[0]} channel(s), the model expects {self.num_channels} "
+                                f"({', '.join(self.plans.channel_names)})",
+                                hint="give every channel as CASE_0000, CASE_0001, ... in the model's order")
+        self._check_dimension(geometry)
+        prepared = preprocess_arrays(images, None, geometry, plans=self.plans, config=self.config)
+        properties = CaseProperties(
+            case_id="", geometry=geometry,
+            shape_before_crop=tuple(images.shape[1 + a] for a in self.plans.transpose_forward),
+            crop_box=prepared.box, spacing_before_resample=prepared.spacing_before_resample,
+            shape_after_crop=prepared.shape_after_crop, spacing=prepared.spacing, shape=tuple(prepared.seg.shape),
+            classes=(), source_hash="")
+        return self.predict_preprocessed(prepared.data, properties, with_probabilities=with_probabilities)
+
+    def _check_dimension(self, geometry: Geometry) -> None:
+        trained_on_2d_images = self.plans.original_median_spacing[0] == DUMMY_2D_SPACING
+        if geometry.dim == 2 and not trained_on_2d_images:
+            raise SettingsError("this is a 2D image but the model was trained on 3D scans",
+                                hint="give the whole 3D volume (one file per channel), not a single slice")
+
+    def predict_files(self, paths: Sequence[str | Path], *, with_probabilities: bool = False) -> Prediction:
+        """Read a case's channel files (in channel order) and segment it."""
+        images, geometry = read_images(paths)
+        return self.predict(images, geometry=geometry, with_probabilities=with_probabilities)
+
+
+def _configuration_name(model: ModelFolder, plans: Plans) -> str:
+    name = model.root.name.split("__")[0]
+    if name not in plans.configurations:
+        raise CheckpointError(f"the folder name does not start with a configuration of its plan ({name!r})",
+                              path=model.root, hint="keep the folder's name as `autoseg train` wrote it")
+    return name
+
+
+def _available_folds(model: ModelFolder, checkpoint: str) -> tuple[str, ...]:
+    found = model.root.glob(f"fold_*/checkpoint_{checkpoint}.pt")
+    folds = tuple(sorted(path.parent.name.removeprefix("fold_") for path in found))
+    if not folds:
+        raise CheckpointError(f"no fold has a checkpoint_{checkpoint}.pt", path=model.root,
+                              hint="train at least one fold to the end, or pass --checkpoint latest/best")
+    return folds
+
+
+def _load_network(model: ModelFolder, fold: str, checkpoint: str, plans: Plans,
+                  config: Configuration) -> tuple[nn.Module, tuple[int, ...]]:
+    from autoseg.model.build import build_network
+
+    payload = load_checkpoint(model.checkpoint(fold, checkpoint))
+    network = build_network(config.topology, in_channels=len(plans.channel_names), num_classes=plans.num_classes)
+    try:
+        network.load_state_dict(payload["network"])
+    except RuntimeError as err:
+        raise CheckpointError("the checkpoint does not fit the folder's plan", path=model.checkpoint(fold, checkpoint),
+                              hint="the folder mixes runs of different plans; retrain this fold") from err
+    network.deep_supervision = False
+    network.eval()
+    return network, tuple(payload.get("mirror_axes", range(config.dim)))
+
+
+def _geometry_from_spacing(shape: Sequence[int], spacing: Sequence[float] | None) -> Geometry:
+    if spacing is None or len(spacing) != len(shape):
+        raise SettingsError("predict() needs the scan's geometry or its spacing (one value per axis, z y x)",
+                            hint="pass geometry=Geometry from autoseg.io.read_images, or spacing=(sz, sy, sx)")
+    dim = len(shape)
+    identity = tuple(float(i == j) for i in range(dim) for j in range(dim))
+    return Geometry(shape=tuple(int(s) for s in shape), file_spacing=tuple(float(s) for s in reversed(spacing)),
+                    origin=(0.0,) * dim, direction=identity)

@@ -1,0 +1,175 @@
+"""Predict a folder of scans: find the cases, overlap reading / predicting / writing, never stop at one bad case.
+
+Reading and preprocessing the next case and exporting the previous one run in background threads
+(numpy, scipy, SimpleITK and torch release the GIL), so the network is rarely idle. A case that
+cannot be read is reported with its file and the fix; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.errors import AutosegError, ImageReadError
+from autoseg.inference.info import PredictionInfo, write_prediction_info
+from autoseg.inference.predictor import Prediction, Predictor
+from autoseg.io.readers import SUPPORTED_ENDINGS, file_ending, read_images, write_label
+from autoseg.log import get_logger, progress
+
+log = get_logger("inference")
+CHANNEL_PATTERN = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+#: Exports queued at most; bounds the memory held by predictions waiting to be written.
+MAX_PENDING_WRITES = 2
+
+
+@dataclass(frozen=True)
+class InputCase:
+    case_id: str
+    files: tuple[Path, ...]
+    channels: tuple[int, ...]
+    ending: str
+
+
+@dataclass
+class PredictReport:
+    """What happened to each case of a folder prediction."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def find_input_cases(source: Path, num_channels: int) -> list[InputCase]:
+    """Cases in a folder of CASE_XXXX<ending> files (or one file for a one-channel model)."""
+    source = Path(source)
+    if source.is_file():
+        if num_channels != 1:
+            raise ImageReadError(f"a single file was given but the model needs {num_channels} channels", path=source,
+                                 hint="pass a folder with CASE_0000, CASE_0001, ... files instead")
+        ending = file_ending(source)
+        stem = source.name[: len(source.name) - len(ending)]
+        match = CHANNEL_PATTERN.match(stem)
+        return [InputCase(match["case"] if match else stem, (source,), (0,), ending)]
+    if not source.is_dir():
+        raise ImageReadError("input folder not found", path=source, hint="check the path given to -i")
+    grouped: dict[str, dict[int, Path]] = {}
+    endings: dict[str, str] = {}
+    for path in sorted(source.iterdir()):
+        ending = file_ending(path)
+        match = CHANNEL_PATTERN.match(path.name[: len(path.name) - len(ending)]) if ending else None
+        if match:
+            grouped.setdefault(match["case"], {})[int(match["channel"])] = path
+            endings[match["case"]] = ending
+    if not grouped:
+        raise ImageReadError(f"no CASE_XXXX image files ({', '.join(SUPPORTED_ENDINGS)}) in the input folder",
+                             path=source, hint="name the scans like the training images: CASE_0000.nii.gz, ...")
+    return [InputCase(case, tuple(files[c] for c in sorted(files)), tuple(sorted(files)), endings[case])
+            for case, files in sorted(grouped.items())]
+
+
+def _check_channels(case: InputCase, num_channels: int) -> None:
+    if list(case.channels) != list(range(num_channels)):
+        missing = sorted(set(range(num_channels)) - set(case.channels))
+        detail = f"missing channel(s) {missing}" if missing else f"channels {list(case.channels)}, expected 0 to " \
+                                                                  f"{num_channels - 1}"
+        raise ImageReadError(f"case {case.case_id}: {detail}", path=case.files[0].parent,
+                             hint=f"give {num_channels} file(s) {case.case_id}_0000{case.ending} ... "
+                                  f"{case.case_id}_{num_channels - 1:04d}{case.ending}")
+
+
+def predict_folder(
+    predictor: Predictor, source: Path, output: Path, *, overwrite: bool = False, save_probabilities: bool = False,
+    output_ending: str | None = None,
+) -> PredictReport:
+    """Predict every case of `source` into `output` as CASE<ending>; returns what was written, skipped, failed."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    cases = find_input_cases(Path(source), predictor.num_channels)
+    write_prediction_info(output, PredictionInfo.from_predictor(predictor, probabilities=save_probabilities))
+    report = PredictReport()
+    todo = []
+    for case in cases:
+        target = output / f"{case.case_id}{output_ending or case.ending}"
+        if target.exists() and not overwrite and (not save_probabilities or probabilities_file(target).exists()):
+            report.skipped.append(case.case_id)
+        else:
+            todo.append((case, target))
+    if report.skipped:
+        log.info("%d case(s) already predicted in %s (pass --overwrite to redo them)", len(report.skipped), output)
+    with ThreadPoolExecutor(1, thread_name_prefix="autoseg-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="autoseg-write") as writer:
+        pending: list[tuple[str, Future[None]]] = []
+        for (case, target), loaded in progress(_prefetch(reader, todo, predictor), total=len(todo),
+                                               description="predicting"):
+            try:
+                images, geometry = loaded.result()
+                prediction = predictor.predict(images, geometry=geometry, with_probabilities=save_probabilities)
+            except AutosegError as err:
+                _fail(report, case.case_id, err)
+                continue
+            pending.append((case.case_id, writer.submit(_export, prediction, target, save_probabilities)))
+            pending = _drain(pending, report, keep=MAX_PENDING_WRITES)
+        _drain(pending, report, keep=0)
+    return report
+
+
+def _prefetch(reader: ThreadPoolExecutor, todo: list[tuple[InputCase, Path]], predictor: Predictor
+              ) -> Iterator[tuple[tuple[InputCase, Path], Future[tuple[np.ndarray, object]]]]:
+    """Yield each case with the future of its images, the next one already being read."""
+    futures = [reader.submit(_read, case, predictor.num_channels) for case, _ in todo[:1]]
+    for index, item in enumerate(todo):
+        if index + 1 < len(todo):
+            futures.append(reader.submit(_read, todo[index + 1][0], predictor.num_channels))
+        yield item, futures[index]
+
+
+def _read(case: InputCase, num_channels: int) -> tuple[np.ndarray, object]:
+    _check_channels(case, num_channels)
+    return read_images(case.files)
+
+
+def _export(prediction: Prediction, target: Path, save_probabilities: bool) -> None:
+    if save_probabilities and prediction.probabilities is not None:
+        save_probabilities_file(probabilities_file(target), prediction.probabilities)
+    write_label(prediction.labels, prediction.geometry, target)
+
+
+def probabilities_file(target: Path) -> Path:
+    """Where the probabilities of the label file `target` go: CASE.npz beside CASE<ending>."""
+    ending = file_ending(target)
+    return target.with_name(target.name[: len(target.name) - len(ending)] + ".npz")
+
+
+def save_probabilities_file(path: Path, probabilities: np.ndarray) -> None:
+    """Class probabilities (c, z, y, x) in the input's array order, float16, compressed, written atomically."""
+    from autoseg.serialization import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, probabilities=probabilities.astype(np.float16))
+
+    atomic_write(path, write)
+
+
+def _drain(pending: list[tuple[str, Future[None]]], report: PredictReport, *, keep: int
+           ) -> list[tuple[str, Future[None]]]:
+    """Wait for the oldest exports until at most `keep` are in flight; record their outcome."""
+    while len(pending) > keep:
+        case_id, future = pending.pop(0)
+        try:
+            future.result()
+            report.written.append(case_id)
+        except (AutosegError, OSError, RuntimeError) as err:
+            _fail(report, case_id, err)
+    return pending
+
+
+def _fail(report: PredictReport, case_id: str, err: Exception) -> None:
+    report.failed[case_id] = str(err)
+    log.error("case %s was not predicted: %s", case_id, err)
+

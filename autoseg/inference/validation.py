@@ -1,0 +1,46 @@
+"""Predict a fold's validation cases from the preprocessed cache with full sliding windows.
+
+Called when a fold finishes training (through the API, so training never imports inference). The
+cases come from the cache, so they are prepared exactly as in training, and are written back on
+their original grid beside the fold: `fold_k/validation/CASE<ending>` plus probabilities for
+ensembling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.inference.info import PredictionInfo, write_prediction_info
+from autoseg.inference.predictor import PredictOptions, Predictor
+from autoseg.inference.run import probabilities_file, save_probabilities_file
+from autoseg.io.readers import write_label
+from autoseg.log import get_logger, progress
+from autoseg.model_folder import ModelFolder
+from autoseg.preprocessing.cache import read_case
+
+log = get_logger("inference")
+
+
+def predict_validation(
+    folder: ModelFolder, fold: int | str, *, cache: Path, case_ids: Sequence[str], file_ending: str,
+    device: str = "auto", save_probabilities: bool = True, overwrite: bool = True,
+) -> Path:
+    """Write the fold's validation predictions; returns the folder they are in."""
+    output = folder.validation_dir(fold)
+    predictor = Predictor.from_folder(folder.root, PredictOptions(folds=(str(fold),), device=device))
+    write_prediction_info(output, PredictionInfo.from_predictor(predictor, probabilities=save_probabilities))
+    for case_id in progress(case_ids, description=f"validating fold {fold}"):
+        target = output / f"{case_id}{file_ending}"
+        if target.exists() and not overwrite:
+            continue
+        data, _, properties, _ = read_case(cache, case_id, mmap=True)
+        prediction = predictor.predict_preprocessed(np.asarray(data), properties,
+                                                    with_probabilities=save_probabilities)
+        if save_probabilities and prediction.probabilities is not None:
+            save_probabilities_file(probabilities_file(target), prediction.probabilities)
+        write_label(prediction.labels, prediction.geometry, target)
+    log.info("validation predictions of fold %s written to %s", fold, output)
+    return output

@@ -1,0 +1,189 @@
+"""Prediction from a model folder: files land on the input's geometry, bad cases fail alone, API on arrays."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoseg.dataset.load import load_dataset
+from autoseg.fingerprint import extract_fingerprint
+from autoseg.inference import PredictOptions, Predictor, find_input_cases, predict_folder, read_prediction_info
+from autoseg.inference.export import LabelSemantics, probabilities_to_labels, restore_prediction
+from autoseg.io.geometry import Geometry
+from autoseg.io.readers import read_header, read_images, read_label, write_image
+from autoseg.model.build import build_network
+from autoseg.model_folder import CheckpointError, ModelFolder, save_checkpoint
+from autoseg.planning import plan
+from autoseg.preprocessing.case import preprocess_arrays
+from autoseg.preprocessing.contract import CaseProperties
+from autoseg.training.settings import TrainingSettings
+
+
+def make_model_folder(root: Path, example_dataset: Path, configuration: str = "3d_fullres", *,
+                      folds: tuple[int, ...] = (0,), seed: int = 0) -> ModelFolder:
+    """A model folder with untrained (random) small networks: enough to test every path but accuracy."""
+    dataset = load_dataset(example_dataset)
+    plans = plan(extract_fingerprint(dataset), dataset)
+    config = plans.configurations[configuration]
+    features = (4, 8, 8, 8, 8, 8, 8)[: config.topology.n_stages]
+    small = dataclasses.replace(config, topology=dataclasses.replace(config.topology, features_per_stage=features))
+    plans = dataclasses.replace(plans, configurations={configuration: small})
+    folder = ModelFolder.for_run(root, configuration, plans.plans_name)
+    folder.write_metadata(plans, dataset_json=example_dataset / "dataset.json", settings=TrainingSettings())
+    for fold in folds:
+        torch.manual_seed(seed + fold)
+        network = build_network(small.topology, in_channels=1, num_classes=plans.num_classes)
+        save_checkpoint(folder.checkpoint(fold, "final"), {"network": network.state_dict(), "epoch": 1,
+                                                           "mirror_axes": list(range(small.dim))})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(example_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelFolder:
+    return make_model_folder(tmp_path_factory.mktemp("models"), example_dataset, folds=(0, 1))
+
+
+def _same_geometry(a: Geometry, b: Geometry) -> bool:
+    return a.shape == b.shape and np.allclose(a.file_spacing, b.file_spacing) and np.allclose(
+        a.origin, b.origin) and np.allclose(a.direction, b.direction, atol=1e-6)
+
+
+def test_predicted_files_match_the_inputs_geometry(model: ModelFolder, example_dataset: Path, tmp_path: Path):
+    predictor = Predictor.from_folder(model.root)
+    assert predictor.folds == ("0", "1") and predictor.window.mirror_axes == (0, 1, 2)
+    report = predict_folder(predictor, example_dataset / "imagesTs", tmp_path, save_probabilities=True)
+    assert report.written == ["test_000", "test_001"] and not report.failed
+    for case_id in report.written:
+        label_geometry, _ = read_header(tmp_path / f"{case_id}.nii.gz")
+        image_geometry, _ = read_header(example_dataset / "imagesTs" / f"{case_id}_0000.nii.gz")
+        assert _same_geometry(label_geometry, image_geometry)
+        with np.load(tmp_path / f"{case_id}.npz") as stored:
+            probabilities = stored["probabilities"].astype(np.float32)
+        labels, _ = read_label(tmp_path / f"{case_id}.nii.gz")
+        assert probabilities.shape == (3, *labels.shape)
+        np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=2e-3)
+        agree = probabilities.argmax(axis=0) == labels
+        assert agree.mean() > 0.999  # float16 storage may flip exact ties
+    info = read_prediction_info(tmp_path)
+    assert info.folds == ("0", "1") and info.probabilities and info.region_values is None
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(model: ModelFolder, example_dataset: Path, tmp_path: Path):
+    predictor = Predictor.from_folder(model.root, PredictOptions(folds=("0",), tta=False))
+    predict_folder(predictor, example_dataset / "imagesTs", tmp_path)
+    before = (tmp_path / "test_000.nii.gz").stat().st_mtime_ns
+    again = predict_folder(predictor, example_dataset / "imagesTs", tmp_path)
+    assert again.skipped == ["test_000", "test_001"] and not again.written
+    assert (tmp_path / "test_000.nii.gz").stat().st_mtime_ns == before
+    redone = predict_folder(predictor, example_dataset / "imagesTs", tmp_path, overwrite=True)
+    assert redone.written == ["test_000", "test_001"]
+
+
+OBLIQUE = (0.0, -1.0, 0.0, 0.8, 0.0, -0.6, 0.6, 0.0, 0.8)  # rotated and with a flipped axis (not RAS)
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".mha", ".nrrd"])
+def test_oblique_non_ras_inputs_keep_their_geometry(model: ModelFolder, example_dataset: Path, tmp_path: Path,
+                                                    ending: str) -> None:
+    images, geometry = read_images([example_dataset / "imagesTs" / "test_000_0000.nii.gz"])
+    oblique = Geometry(shape=geometry.shape, file_spacing=(0.9, 1.3, 2.1), origin=(-12.5, 40.0, 7.25),
+                       direction=OBLIQUE)
+    source = tmp_path / "in" / f"scan_0000{ending}"
+    write_image(images[0], oblique, source)
+    predictor = Predictor.from_folder(model.root, PredictOptions(folds=("0",), tta=False))
+    report = predict_folder(predictor, source, tmp_path / "out")
+    assert report.written == ["scan"]
+    written, _ = read_header(tmp_path / "out" / f"scan{ending}")
+    assert _same_geometry(written, read_header(source)[0])
+
+
+def test_bad_cases_fail_alone_with_clear_messages(model: ModelFolder, example_dataset: Path, tmp_path: Path):
+    source = tmp_path / "in"
+    source.mkdir()
+    good = example_dataset / "imagesTs" / "test_000_0000.nii.gz"
+    shutil.copy(good, source / "good_0000.nii.gz")
+    (source / "broken_0000.nii.gz").write_bytes(good.read_bytes()[:200])
+    shutil.copy(good, source / "wrongchannel_0001.nii.gz")
+    predictor = Predictor.from_folder(model.root, PredictOptions(folds=("0",), tta=False))
+    report = predict_folder(predictor, source, tmp_path / "out")
+    assert report.written == ["good"]
+    assert set(report.failed) == {"broken", "wrongchannel"}
+    assert "broken_0000.nii.gz" in report.failed["broken"]
+    assert "missing channel(s) [0]" in report.failed["wrongchannel"]
+
+
+def test_a_two_d_file_for_a_three_d_model_is_a_clear_error(model: ModelFolder, tmp_path: Path) -> None:
+    flat = Geometry(shape=(1, 30, 30), file_spacing=(1.0, 1.0), origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0))
+    write_image(np.zeros((1, 30, 30), np.float32), flat, tmp_path / "in" / "flat_0000.nii.gz")
+    predictor = Predictor.from_folder(model.root, PredictOptions(folds=("0",), tta=False))
+    report = predict_folder(predictor, tmp_path / "in", tmp_path / "out")
+    assert "flat" in report.failed
+
+
+def test_array_api_and_streamed_export_agree(model: ModelFolder, example_dataset: Path) -> None:
+    predictor = Predictor.from_folder(model.root, PredictOptions(tta=False))
+    images, geometry = read_images([example_dataset / "imagesTs" / "test_001_0000.nii.gz"])
+    by_spacing = predictor.predict(images[0], spacing=geometry.array_spacing)
+    full = predictor.predict(images, geometry=geometry, with_probabilities=True)
+    assert by_spacing.labels.shape == images.shape[1:]
+    assert np.array_equal(by_spacing.labels, full.labels)
+    assert np.array_equal(full.labels, probabilities_to_labels(full.probabilities, predictor.semantics))
+
+
+def test_export_restores_the_input_grid_from_an_anisotropic_resample(model: ModelFolder, example_dataset: Path):
+    predictor = Predictor.from_folder(model.root, PredictOptions(folds=("0",), tta=False))
+    images, geometry = read_images([example_dataset / "imagesTs" / "test_000_0000.nii.gz"])
+    coarse = dataclasses.replace(geometry, file_spacing=(geometry.file_spacing[0], geometry.file_spacing[1], 4.0))
+    prepared = preprocess_arrays(images, None, coarse, plans=predictor.plans, config=predictor.config)
+    properties = CaseProperties("x", coarse, tuple(images.shape[1:]), prepared.box, prepared.spacing_before_resample,
+                                prepared.shape_after_crop, prepared.spacing, tuple(prepared.seg.shape), (), "")
+    logits = np.random.default_rng(0).normal(size=(3, *prepared.data.shape[1:])).astype(np.float32)
+    streamed, _ = restore_prediction(logits, properties, plans=predictor.plans, config=predictor.config,
+                                     semantics=predictor.semantics)
+    stacked, probabilities = restore_prediction(logits, properties, plans=predictor.plans, config=predictor.config,
+                                                semantics=predictor.semantics, with_probabilities=True)
+    assert streamed.shape == images.shape[1:] and probabilities.shape == (3, *images.shape[1:])
+    assert (streamed == stacked).mean() > 0.999
+
+
+def test_region_semantics_write_nested_regions_in_order() -> None:
+    from autoseg.dataset.contract import Dataset, LabelDef
+
+    labels = (LabelDef("background", (0,)), LabelDef("whole", (1, 2, 3)), LabelDef("core", (2, 3)),
+              LabelDef("enhancing", (3,)))
+    dataset = Dataset("x", "/", ("T1",), labels, ".nii.gz", 0, ())
+    semantics = LabelSemantics.from_dataset(dataset)
+    assert semantics.region_values == (1, 2, 3)
+    probabilities = np.zeros((3, 4), np.float32)
+    probabilities[0, 1:] = 0.9
+    probabilities[1, 2:] = 0.9
+    probabilities[2, 3] = 0.9
+    assert probabilities_to_labels(probabilities, semantics).tolist() == [0, 1, 2, 3]
+
+
+def test_two_d_model_predicts_a_volume_slice_by_slice(example_dataset: Path, tmp_path: Path) -> None:
+    folder = make_model_folder(tmp_path, example_dataset, "2d")
+    predictor = Predictor.from_folder(folder.root, PredictOptions(tta=False))
+    images, geometry = read_images([example_dataset / "imagesTs" / "test_000_0000.nii.gz"])
+    assert predictor.predict(images, geometry=geometry).labels.shape == images.shape[1:]
+
+
+def test_missing_checkpoints_and_folders_are_clear_errors(model: ModelFolder, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="plans.json"):
+        Predictor.from_folder(tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoint_best"):
+        Predictor.from_folder(model.root, PredictOptions(checkpoint="best"))
+
+
+def test_input_cases_are_grouped_by_channel(tmp_path: Path) -> None:
+    for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b_0000.mha", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    cases = find_input_cases(tmp_path, 2)
+    assert [(c.case_id, c.channels, c.ending) for c in cases] == [("a", (0, 1), ".nii.gz"), ("b", (0,), ".mha")]
+    assert os.path.basename(cases[0].files[1]) == "a_0001.nii.gz"

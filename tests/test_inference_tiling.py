@@ -1,0 +1,120 @@
+"""Tiling and the sliding window: every voxel covered, weights normalised, identity in = identity out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from autoseg.inference.sliding import WindowSettings, sliding_window_logits
+from autoseg.inference.tiling import (
+    gaussian_importance,
+    mirror_combinations,
+    pad_to_patch,
+    padding_for,
+    tile_boxes,
+    tile_starts,
+)
+
+
+@given(size=st.integers(1, 300), patch=st.integers(1, 64), step=st.floats(0.1, 1.0))
+def test_tiles_cover_the_axis_without_leaving_it(size: int, patch: int, step: float) -> None:
+    patch = min(patch, size)
+    starts = tile_starts(size, patch, step)
+    assert starts[0] == 0 and starts[-1] == size - patch
+    assert starts == sorted(set(starts))
+    covered = np.zeros(size, bool)
+    for start in starts:
+        covered[start:start + patch] = True
+    assert covered.all()
+    gaps = np.diff(starts)
+    assert (gaps <= np.ceil(step * patch)).all()
+
+
+def test_half_step_gives_nnunet_tile_counts() -> None:
+    assert tile_starts(128, 64, 0.5) == [0, 32, 64]
+    assert tile_starts(100, 64, 0.5) == [0, 18, 36]  # ceil(36 / 32) + 1 tiles, as nnU-Net
+    assert tile_starts(64, 64, 0.5) == [0]
+    with pytest.raises(ValueError):
+        tile_starts(10, 12, 0.5)
+
+
+def test_every_voxel_is_covered_in_3d() -> None:
+    shape, patch = (37, 50, 23), (16, 20, 23)
+    count = np.zeros(shape, int)
+    for box in tile_boxes(shape, patch, 0.5):
+        count[box] += 1
+    assert count.min() >= 1
+
+
+def test_gaussian_peaks_at_the_centre_and_never_vanishes() -> None:
+    weights = gaussian_importance((9, 16, 5))
+    assert weights.dtype == np.float32 and weights.max() == pytest.approx(1.0)
+    assert weights.min() > 0
+    assert np.unravel_index(weights.argmax(), weights.shape) == (4, 7, 2) or weights[4, 8, 2] == weights.max()
+    assert np.allclose(weights, weights[::-1, ::-1, ::-1])
+
+
+def test_padding_reaches_the_patch_and_is_undone() -> None:
+    data = np.random.default_rng(0).random((2, 5, 40, 9)).astype(np.float32)
+    padded, inner = pad_to_patch(data, (8, 32, 12))
+    assert padded.shape == (2, 8, 40, 12)
+    assert padding_for((5, 40, 9), (8, 32, 12)) == ((1, 2), (0, 0), (1, 2))
+    assert np.array_equal(padded[(slice(None), *inner)], data)
+
+
+def test_mirror_combinations_are_all_subsets() -> None:
+    assert mirror_combinations((0, 1, 2)) == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    assert mirror_combinations(()) == [()]
+
+
+class Identity(nn.Module):
+    """Returns its input as logits: the sliding window must then return the volume unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+
+@settings(max_examples=15, deadline=None)
+@given(shape=st.tuples(st.integers(3, 30), st.integers(3, 30), st.integers(3, 30)),
+       step=st.sampled_from([0.3, 0.5, 1.0]), mirror=st.booleans(), batch=st.integers(1, 3))
+def test_identity_network_returns_its_input(shape, step, mirror, batch) -> None:
+    data = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
+    window = WindowSettings(patch=(8, 12, 6), step=step, mirror_axes=(0, 1, 2) if mirror else (),
+                            tiles_per_batch=batch)
+    out = sliding_window_logits([Identity()], data, window, num_classes=2, device=torch.device("cpu"))
+    assert out.shape == data.shape
+    np.testing.assert_allclose(out.numpy(), data, atol=1e-5)
+
+
+def test_two_d_window_runs_slice_by_slice_on_a_volume() -> None:
+    data = np.random.default_rng(2).normal(size=(1, 5, 20, 17)).astype(np.float32)
+    seen = []
+
+    class Recorder(Identity):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(x.shape))
+            return x * 1.0
+
+    window = WindowSettings(patch=(16, 16), mirror_axes=(0, 1))
+    out = sliding_window_logits([Recorder()], data, window, num_classes=1, device=torch.device("cpu"))
+    np.testing.assert_allclose(out.numpy(), data, atol=1e-5)
+    assert all(len(s) == 4 and s[2:] == (16, 16) for s in seen)
+
+
+def test_several_networks_are_averaged() -> None:
+    class Scale(nn.Module):
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.factor
+
+    data = np.ones((1, 10, 10, 10), np.float32)
+    window = WindowSettings(patch=(8, 8, 8))
+    out = sliding_window_logits([Scale(1.0), Scale(3.0)], data, window, num_classes=1, device=torch.device("cpu"))
+    np.testing.assert_allclose(out.numpy(), 2.0, rtol=1e-6)

@@ -1,0 +1,45 @@
+"""The whole pipeline through the command line on the synthetic example: plan -> ... -> evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from autoseg.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def roots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for kind in ("RAW", "PREPROCESSED", "RESULTS"):
+        monkeypatch.setenv(f"AUTOSEG_{kind}", str(tmp_path / kind.lower()))
+    return tmp_path
+
+
+def _ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, f"{args}: {result.output}"
+    return result.output
+
+
+@pytest.mark.slow
+def test_short_training_segments_held_out_scans(roots: Path) -> None:
+    raw = roots / "raw" / "Dataset900_Example"
+    _ok(["example-dataset", "--cases", "4", "--size", "32", "--seed", "1"])
+    _ok(["plan", "900", "-j", "1"])
+    _ok(["preprocess", "900", "-j", "1"])
+    trained = _ok(["train", "900", "3d_fullres", "0", "--epochs", "4", "--iterations-per-epoch", "15",
+                   "--val-iterations", "2", "-j", "0"])
+    assert "organ" in trained  # the fold's validation table
+    validation = roots / "results" / "Dataset900_Example" / "3d_fullres__autoseg" / "fold_0" / "validation"
+    assert (validation / "summary.json").is_file() and list(validation.glob("*.npz"))
+    _ok(["predict", "-i", str(raw / "imagesTs"), "-o", str(roots / "pred"), "-d", "900", "-c", "3d_fullres",
+         "-f", "0", "--no-tta"])
+    evaluated = _ok(["evaluate", str(roots / "pred"), str(raw / "labelsTs")])
+    summary = json.loads((roots / "pred" / "summary.json").read_text())
+    assert summary["mean"]["organ"]["dice"] > 0.5, evaluated
+    assert len(summary["cases"]) == 2 and "organ" in evaluated
