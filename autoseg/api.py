@@ -19,7 +19,7 @@ from autoseg.planning.contract import Plans
 from autoseg.serialization import load_contract, save_contract
 
 if TYPE_CHECKING:
-    from autoseg.evaluation import EvaluationSummary
+    from autoseg.evaluation import BestChoice, EvaluationSummary
     from autoseg.inference import PredictOptions, PredictReport
 
 log = get_logger("api")
@@ -201,6 +201,36 @@ def evaluate(
     ending = _common_ending(Path(predictions))
     return evaluate_folder(predictions, reference, labels, file_ending=ending, ignore_label=ignore,
                            distances=distances, tolerance_mm=tolerance_mm, workers=workers, output=output)
+
+
+def ensemble(inputs: list[str | Path], output: str | Path, *, overwrite: bool = False,
+             save_probabilities: bool = False, workers: int = 1) -> list[str]:
+    """Average the saved probabilities of several prediction folders into one segmentation per case."""
+    from autoseg.inference import ensemble_folders
+
+    return ensemble_folders([Path(p) for p in inputs], Path(output), overwrite=overwrite,
+                            save_probabilities=save_probabilities, workers=workers)
+
+
+def postprocess(source: str | Path, output: str | Path, rules: str | Path, *, overwrite: bool = False,
+                workers: int = 1) -> list[str]:
+    """Apply the postprocessing rules chosen by `find_best` (postprocessing.json) to a prediction folder."""
+    from autoseg.inference import load_rules, postprocess_folder
+
+    return postprocess_folder(Path(source), Path(output), load_rules(Path(rules)), file_ending=_common_ending(
+        Path(source)), overwrite=overwrite, workers=workers)
+
+
+def find_best(dataset: str | Path, *, configurations: list[str] | None = None, allow_ensembles: bool = True,
+              workers: int = 1) -> BestChoice:
+    """Choose the best configuration or pair ensemble from the cross-validation, and its postprocessing."""
+    from autoseg.evaluation import find_best as choose
+
+    location = resolve_dataset(dataset)
+    parsed = load(location.raw)
+    return choose(location.results, location.raw / "labelsTr", parsed.foreground_labels,
+                  file_ending=parsed.file_ending, ignore_label=parsed.ignore_label, configurations=configurations,
+                  allow_ensembles=allow_ensembles, workers=workers)
 
 
 def _evaluation_labels(predictions: Path, dataset: str | Path | None) -> tuple[tuple[LabelDef, ...], int | None]:

@@ -1,4 +1,4 @@
-"""Commands after training: predict, evaluate (registered on the `autoseg` app by autoseg.cli)."""
+"""Commands after training: predict, evaluate, ensemble, postprocess, find-best (registered by autoseg.cli)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from autoseg.cli import WorkersOpt, _console, app, guarded
+from autoseg.cli import DatasetArg, WorkersOpt, _console, app, guarded
 from autoseg.errors import SettingsError
 
 FOLD_HELP = ("Folds to average (default: every trained fold). Repeat (-f 0 -f 1), or list them as nnU-Net does: "
@@ -97,3 +97,64 @@ def evaluate_command(
                            workers=workers, output=output)
     _console().print(evaluation_table(summary))
     _console().print(f"summary: {output or predictions / 'summary.json'}", soft_wrap=True)
+
+
+@app.command("ensemble", context_settings={"allow_extra_args": True})
+@guarded
+def ensemble_command(
+    ctx: typer.Context,
+    inputs: Annotated[list[Path], typer.Option("--input", "-i", help=(
+        "Prediction folders written with --save-probabilities: -i OUT_A OUT_B (or -i A -i B)."))],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the ensembled label maps.")],
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help="Also write the mean CASE.npz.")
+                                  ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo cases whose output exists.")] = False,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Average the class probabilities of several predictions (configurations) case by case."""
+    from autoseg import api
+
+    folders = list(inputs) + [Path(extra) for extra in ctx.args]
+    written = api.ensemble(folders, output, overwrite=overwrite, save_probabilities=save_probabilities,
+                           workers=workers)
+    _console().print(f"{len(written)} case(s) ensembled from {len(folders)} folders -> {output}", soft_wrap=True)
+
+
+@app.command("postprocess")
+@guarded
+def postprocess_command(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Option("--input", "-i", help="Prediction folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the postprocessed label maps.")],
+    rules: Annotated[Path, typer.Option("--rules", help="postprocessing.json written by `autoseg find-best`.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo cases whose output exists.")] = False,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Keep only the largest connected component where cross-validation showed that it helps."""
+    from autoseg import api
+
+    written = api.postprocess(source, output, rules, overwrite=overwrite, workers=workers)
+    _console().print(f"{len(written)} case(s) postprocessed -> {output}", soft_wrap=True)
+
+
+@app.command("find-best")
+@guarded
+def find_best_command(
+    ctx: typer.Context,
+    dataset: DatasetArg,
+    configurations: Annotated[list[str] | None, typer.Option("--configuration", "-c", help=(
+        "Configuration to consider; repeat for several (default: every one with all folds validated)."))] = None,
+    ensembles: Annotated[bool, typer.Option("--ensembles/--no-ensembles", help="Also try pairs of configurations.")
+                         ] = True,
+    workers: WorkersOpt = 2,
+) -> None:
+    """Pick the best configuration (or pair ensemble) by cross-validation Dice, decide postprocessing,
+    and print the commands that reproduce it on new scans (also saved as inference_instructions.txt).
+
+    Needs every fold of a configuration trained (`autoseg train DATASET CONFIG 0` ... 4).
+    """
+    from autoseg import api
+    from autoseg.evaluation import inference_instructions
+
+    choice = api.find_best(dataset, configurations=configurations, allow_ensembles=ensembles, workers=workers)
+    _console().print(inference_instructions(choice), soft_wrap=True, markup=False)

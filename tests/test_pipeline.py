@@ -43,3 +43,15 @@ def test_short_training_segments_held_out_scans(roots: Path) -> None:
     summary = json.loads((roots / "pred" / "summary.json").read_text())
     assert summary["mean"]["organ"]["dice"] > 0.5, evaluated
     assert len(summary["cases"]) == 2 and "organ" in evaluated
+
+
+def test_find_best_without_trained_models_is_a_clear_error(roots: Path) -> None:
+    _ok(["example-dataset", "--cases", "3", "--size", "24"])
+    result = runner.invoke(app, ["find-best", "900"])
+    assert result.exit_code == 2 and "fix:" in result.output
+
+
+def test_ensemble_needs_two_prediction_folders(roots: Path) -> None:
+    (roots / "a").mkdir()
+    result = runner.invoke(app, ["ensemble", "-i", str(roots / "a"), "-o", str(roots / "out")])
+    assert result.exit_code == 2 and "error:" in result.output

@@ -20,6 +20,14 @@ from autoseg.evaluation.evaluate import (
     summarize,
     summary_rows,
 )
+from autoseg.evaluation.find_best import (
+    BestChoice,
+    CandidateScore,
+    collect_cross_validation,
+    find_best,
+    inference_instructions,
+    load_best,
+)
 from autoseg.evaluation.metrics import (
     Counts,
     SurfaceScores,
@@ -36,6 +44,8 @@ from autoseg.evaluation.metrics import (
 )
 
 __all__ = [
+    "BestChoice",
+    "CandidateScore",
     "CaseEvaluation",
     "Counts",
     "EvaluationError",
@@ -44,13 +54,17 @@ __all__ = [
     "LabelMean",
     "LabelMetrics",
     "SurfaceScores",
+    "collect_cross_validation",
     "confusion_counts",
     "dice_score",
     "evaluate_arrays",
     "evaluate_folder",
+    "find_best",
     "hausdorff95",
     "image_diagonal_mm",
+    "inference_instructions",
     "iou_score",
+    "load_best",
     "load_summary",
     "metric_spacing",
     "normalized_surface_dice",
