@@ -28,3 +28,11 @@ def real_dataset() -> Path:
     if not (path / "dataset.json").is_file():
         pytest.skip(f"real dataset not found at {path}")
     return path
+
+
+@pytest.fixture()
+def roots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Fresh AUTOSEG_RAW / _PREPROCESSED / _RESULTS folders under tmp_path, for command-line tests."""
+    for kind in ("RAW", "PREPROCESSED", "RESULTS"):
+        monkeypatch.setenv(f"AUTOSEG_{kind}", str(tmp_path / kind.lower()))
+    return tmp_path

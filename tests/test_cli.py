@@ -6,19 +6,11 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from autoseg.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture()
-def roots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    for kind in ("RAW", "PREPROCESSED", "RESULTS"):
-        monkeypatch.setenv(f"AUTOSEG_{kind}", str(tmp_path / kind.lower()))
-    return tmp_path
 
 
 def test_help_teaches_the_flow() -> None:

@@ -13,13 +13,6 @@ from autoseg.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture()
-def roots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    for kind in ("RAW", "PREPROCESSED", "RESULTS"):
-        monkeypatch.setenv(f"AUTOSEG_{kind}", str(tmp_path / kind.lower()))
-    return tmp_path
-
-
 def _ok(args: list[str]) -> str:
     result = runner.invoke(app, args)
     assert result.exit_code == 0, f"{args}: {result.output}"
