@@ -147,7 +147,8 @@ def validate_fold(dataset: str | Path, configuration: str, fold: int | str, *, d
         log.info("fold %s has no validation cases: nothing to validate", fold)
         return None
     output = predict_validation(run.folder, fold, cache=run.cache, case_ids=run.val_ids,
-                                file_ending=parsed.file_ending, device=device, save_probabilities=save_probabilities)
+                                file_ending=parsed.file_ending, device=device, save_probabilities=save_probabilities,
+                                previous_dir=run.previous_dir)
     return evaluate_folder(output, Path(parsed.root) / "labelsTr", parsed.foreground_labels,
                            file_ending=parsed.file_ending, ignore_label=parsed.ignore_label, cases=run.val_ids)
 
@@ -173,11 +174,14 @@ def _results_folder(dataset: str | Path) -> Path:
 def predict(
     source: str | Path, output: str | Path, *, dataset: str | Path | None = None, configuration: str = "3d_fullres",
     plans_name: str = "autoseg", model: str | Path | None = None, options: PredictOptions | None = None,
-    overwrite: bool = False, save_probabilities: bool = False,
+    overwrite: bool = False, save_probabilities: bool = False, prev_stage: str | Path | None = None,
 ) -> PredictReport:
     """Segment every scan in `source` (a folder of CASE_XXXX files, or one file) into `output`.
 
     The model is `model` (a model folder path) or the `configuration` of `dataset` under AUTOSEG_RESULTS.
+    A cascade stage (3d_cascade_fullres) reads the previous stage's predictions from `prev_stage`; without
+    it, the previous stage's model folder beside this one predicts them first, into
+    OUTPUT/.previous_<stage>/ (with the same options), and a case it could not predict fails here too.
     """
     from autoseg.inference import Predictor, predict_folder
 
@@ -186,8 +190,24 @@ def predict(
             raise SettingsError("say which model to use", hint="pass -d DATASET -c CONFIGURATION, or -m MODEL_FOLDER")
         model = model_folder(dataset, configuration, plans_name)
     predictor = Predictor.from_folder(Path(model), options)
-    return predict_folder(predictor, Path(source), Path(output), overwrite=overwrite,
-                          save_probabilities=save_probabilities)
+    first_stage = None
+    if predictor.previous is not None and prev_stage is None:
+        stage = predictor.previous.configuration
+        earlier = Path(model).parent / f"{stage}__{predictor.plans.plans_name}"
+        if not (earlier / "plans.json").is_file():
+            raise SettingsError(f"{predictor.config.name} needs {stage} predictions, and there is no {stage} model "
+                                "beside it", path=earlier, hint=f"train {stage} (every fold), or pass --prev-stage DIR "
+                                                                f"with {stage} predictions of these scans")
+        prev_stage = Path(output) / f".previous_{stage}"
+        log.info("cascade: predicting with %s first, into %s", earlier.name, prev_stage)
+        first_stage = predict_folder(Predictor.from_folder(earlier, options), Path(source), prev_stage,
+                                     overwrite=overwrite)
+    report = predict_folder(predictor, Path(source), Path(output), overwrite=overwrite,
+                            save_probabilities=save_probabilities,
+                            previous_stage=None if prev_stage is None else Path(prev_stage))
+    if first_stage is not None:  # the first stage's own reason is the useful one
+        report.failed.update({case: f"{stage}: {message}" for case, message in first_stage.failed.items()})
+    return report
 
 
 def evaluate(

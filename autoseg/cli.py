@@ -202,7 +202,8 @@ def preprocess_command(
 def train_command(
     ctx: typer.Context,
     dataset: DatasetArg,
-    configuration: Annotated[str, typer.Argument(help="2d, 3d_fullres, 3d_lowres (see plans.json).")],
+    configuration: Annotated[str, typer.Argument(help=(
+        "2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres (see plans.json)."))],
     fold: Annotated[str, typer.Argument(help="Fold 0-4 of the 5-fold cross-validation, or all.")],
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (default 1000).")] = None,
     iterations: Annotated[int | None, typer.Option("--iterations-per-epoch", min=1,

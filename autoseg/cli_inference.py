@@ -21,8 +21,8 @@ def predict_command(
     source: Annotated[Path, typer.Option("--input", "-i", help="Folder of CASE_0000<ending> scans, or one file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the CASE<ending> label maps.")],
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset whose trained model to use.")] = None,
-    configuration: Annotated[str, typer.Option("--configuration", "-c", help="2d, 3d_fullres, 3d_lowres.")
-                             ] = "3d_fullres",
+    configuration: Annotated[str, typer.Option("--configuration", "-c", help=(
+        "2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres."))] = "3d_fullres",
     folds: Annotated[list[str] | None, typer.Option("--folds", "-f", help=FOLD_HELP)] = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help=(
         "A model folder (<config>__<plans>) anywhere on disk, instead of -d/-c."))] = None,
@@ -39,6 +39,9 @@ def predict_command(
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help=(
         "Also write CASE.npz with class probabilities (for `autoseg ensemble`)."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict cases whose output exists too.")] = False,
+    prev_stage: Annotated[Path | None, typer.Option("--prev-stage", help=(
+        "Cascade only: folder of the 3d_lowres predictions of these scans (CASE<ending>). Default: run the "
+        "3d_lowres model first, into OUTPUT/.previous_3d_lowres."))] = None,
 ) -> None:
     """Segment new scans with a trained model; outputs open on top of the inputs in ITK-SNAP / Slicer.
 
@@ -53,7 +56,8 @@ def predict_command(
     options = PredictOptions(folds=fold_list, checkpoint=checkpoint, device=device, tta=tta, step_size=step_size,
                              tiles_per_batch=tiles_per_batch, amp=amp)
     report = api.predict(source, output, dataset=dataset, configuration=configuration, plans_name=plans_name,
-                         model=model, options=options, overwrite=overwrite, save_probabilities=save_probabilities)
+                         model=model, options=options, overwrite=overwrite, save_probabilities=save_probabilities,
+                         prev_stage=prev_stage)
     console = _console()
     console.print(f"{len(report.written)} written, {len(report.skipped)} already there, {len(report.failed)} failed "
                   f"-> {output}", soft_wrap=True)

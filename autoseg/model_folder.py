@@ -5,6 +5,9 @@
         fold_<k>/checkpoint_{final,best,latest}.pt  metrics.jsonl  progress.png  training.log
         fold_<k>/validation/CASE<ending>  CASE.npz  prediction.json  summary.json
 
+A cascade stage (plans' Configuration.previous_stage set) takes the previous stage's segmentation as
+extra one-hot input channels, one per foreground label value of dataset.json (`previous_stage`).
+
 Checkpoints hold only tensors and plain data, loaded with `torch.load(weights_only=True)`; the
 network is rebuilt from the plan's Topology, never unpickled, so any folder loads without code.
 """
@@ -16,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autoseg.dataset.contract import Dataset
 from autoseg.errors import AutosegError
-from autoseg.planning.contract import Plans
+from autoseg.planning.contract import Configuration, Plans
 from autoseg.serialization import atomic_write, load_contract, save_contract
 
 CHECKPOINT_NAMES = ("final", "best", "latest")
@@ -76,6 +80,32 @@ class ModelFolder:
             raise CheckpointError("not a model folder (no plans.json)", path=self.root,
                                   hint="point at the folder that `autoseg train` wrote")
         return load_contract(self.plans_file, Plans, rerun="autoseg train (the plans format changed)")
+
+
+@dataclass(frozen=True)
+class PreviousStage:
+    """What a cascade stage is fed besides the scan: the segmentation of `configuration` (e.g. 3d_lowres),
+    as one-hot channels for `values` (ascending foreground label values) after the image channels.
+
+    Not stored separately: it follows from the folder's plans.json (Configuration.previous_stage) and
+    dataset.json (the label values), so training and inference derive the same channels.
+    """
+
+    configuration: str
+    values: tuple[int, ...]
+
+
+def previous_stage(config: Configuration, dataset: Dataset) -> PreviousStage | None:
+    """The previous stage of a cascade configuration; None for a configuration that stands alone."""
+    if not config.previous_stage:
+        return None
+    return PreviousStage(config.previous_stage, dataset.foreground_values)
+
+
+def network_in_channels(plans: Plans, config: Configuration, dataset: Dataset) -> int:
+    """Input channels of the configuration's network: the image channels, plus the cascade's one-hot ones."""
+    previous = previous_stage(config, dataset)
+    return len(plans.channel_names) + (len(previous.values) if previous else 0)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

@@ -56,6 +56,13 @@ class Dataset:
         return tuple(sorted(values))
 
     @property
+    def foreground_values(self) -> tuple[int, ...]:
+        """Label values other than background and ignore, ascending: for regions, the plain integers the
+        regions are made of. A cascade stage gets one input channel per value of the previous stage."""
+        values = {v for label in self.labels for v in label.values} - {0, self.ignore_label}
+        return tuple(sorted(values))
+
+    @property
     def foreground_labels(self) -> tuple[LabelDef, ...]:
         """Labels (or regions) that the network predicts: all but background."""
         return tuple(label for label in self.labels if label.values != (0,))

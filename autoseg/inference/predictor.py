@@ -2,7 +2,8 @@
 
 `Predictor.from_folder(folder)` rebuilds the network from the folder's plan and loads each fold's
 weights (weights_only); `predict(images, geometry=...)` preprocesses exactly as in training, slides
-the window, averages the folds and returns the label map on the input's own grid.
+the window, averages the folds and returns the label map on the input's own grid. A cascade stage
+(3d_cascade_fullres) also needs `previous=`: the previous stage's label map of the same scan.
 """
 
 from __future__ import annotations
@@ -21,12 +22,20 @@ from autoseg.errors import SettingsError
 from autoseg.inference.export import LabelSemantics, restore_prediction
 from autoseg.inference.sliding import WindowSettings, sliding_window_logits
 from autoseg.io.geometry import DUMMY_2D_SPACING, Geometry
-from autoseg.io.readers import read_images
+from autoseg.io.readers import read_images, read_label
 from autoseg.log import get_logger
-from autoseg.model_folder import CheckpointError, ModelFolder, load_checkpoint
+from autoseg.model_folder import (
+    CheckpointError,
+    ModelFolder,
+    PreviousStage,
+    load_checkpoint,
+    network_in_channels,
+    previous_stage,
+)
 from autoseg.planning.contract import Configuration, Plans
 from autoseg.preprocessing.case import preprocess_arrays
 from autoseg.preprocessing.contract import CaseProperties
+from autoseg.preprocessing.previous import one_hot, to_preprocessed_grid
 from autoseg.runtime.device import amp_dtype, pick_device
 
 log = get_logger("inference")
@@ -65,6 +74,7 @@ class Predictor:
         self.plans, self.config, self.dataset = plans, config, dataset
         self.semantics = LabelSemantics.from_dataset(dataset)
         self.window, self.device, self.amp = window, device, amp
+        self.previous: PreviousStage | None = previous_stage(config, dataset)
 
     @classmethod
     def from_folder(cls, folder: str | Path, options: PredictOptions | None = None) -> Predictor:
@@ -73,15 +83,12 @@ class Predictor:
         model = ModelFolder(Path(folder))
         plans = model.load_plans()
         config = plans.configurations[_configuration_name(model, plans)]
-        if config.previous_stage:
-            raise SettingsError(f"{config.name} is a cascade stage, which this version cannot run yet",
-                                hint="predict with 3d_fullres or 3d_lowres")
         dataset = read_dataset_json(model.dataset_file)
         folds = options.folds or _available_folds(model, options.checkpoint)
         device = pick_device(options.device)
         networks, mirror_axes = [], None
         for fold in folds:
-            network, axes = _load_network(model, fold, options.checkpoint, plans, config)
+            network, axes = _load_network(model, fold, options.checkpoint, plans, config, dataset)
             networks.append(network.to(device))
             mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in axes)
         tiles = options.tiles_per_batch or (1 if device.type == "cpu" else config.batch_size)
@@ -94,6 +101,7 @@ class Predictor:
 
     @property
     def num_channels(self) -> int:
+        """Image channels of a scan (a cascade's previous-stage channels come on top)."""
         return len(self.plans.channel_names)
 
     def predict_logits(self, data: np.ndarray) -> np.ndarray:
@@ -103,16 +111,24 @@ class Predictor:
         return logits.numpy()
 
     def predict_preprocessed(self, data: np.ndarray, properties: CaseProperties, *,
-                             with_probabilities: bool = False) -> Prediction:
-        """A case already on the network's grid (e.g. from the training cache) -> its original grid."""
+                             previous: np.ndarray | None = None, with_probabilities: bool = False) -> Prediction:
+        """A case already on the network's grid (e.g. from the training cache) -> its original grid.
+
+        previous: for a cascade stage, the previous stage's label map (z, y, x) on the same grid as `data`.
+        """
+        data = self._with_previous(data, previous)
         logits = self.predict_logits(data)
         labels, probabilities = restore_prediction(logits, properties, plans=self.plans, config=self.config,
                                                    semantics=self.semantics, with_probabilities=with_probabilities)
         return Prediction(labels=labels, geometry=properties.geometry, probabilities=probabilities)
 
     def predict(self, images: np.ndarray, *, geometry: Geometry | None = None,
-                spacing: Sequence[float] | None = None, with_probabilities: bool = False) -> Prediction:
-        """Segment one scan: images (c, z, y, x) as read, with its geometry or just its spacing (z, y, x)."""
+                spacing: Sequence[float] | None = None, previous: np.ndarray | None = None,
+                with_probabilities: bool = False) -> Prediction:
+        """Segment one scan: images (c, z, y, x) as read, with its geometry or just its spacing (z, y, x).
+
+        previous: for a cascade stage, the previous stage's label map of this scan (z, y, x), as read.
+        """
         images = np.asarray(images, dtype=np.float32)
         if images.ndim == 3:
             images = images[None]
@@ -122,6 +138,7 @@ class Predictor:
                                 f"({', '.join(self.plans.channel_names)})",
                                 hint="give every channel as CASE_0000, CASE_0001, ... in the model's order")
         self._check_dimension(geometry)
+        self._check_previous(previous)
         prepared = preprocess_arrays(images, None, geometry, plans=self.plans, config=self.config)
         properties = CaseProperties(
             case_id="", geometry=geometry,
@@ -129,7 +146,33 @@ class Predictor:
             crop_box=prepared.box, spacing_before_resample=prepared.spacing_before_resample,
             shape_after_crop=prepared.shape_after_crop, spacing=prepared.spacing, shape=tuple(prepared.seg.shape),
             classes=(), source_hash="")
-        return self.predict_preprocessed(prepared.data, properties, with_probabilities=with_probabilities)
+        if self.previous is not None and previous is not None:
+            previous = to_preprocessed_grid(previous, properties, plans=self.plans, config=self.config)
+        return self.predict_preprocessed(prepared.data, properties, previous=previous,
+                                         with_probabilities=with_probabilities)
+
+    def _check_previous(self, previous: np.ndarray | None) -> None:
+        """A previous-stage segmentation is given exactly when the model is a cascade stage."""
+        if self.previous is None and previous is not None:
+            raise SettingsError(f"{self.config.name} takes no previous-stage segmentation",
+                                hint="leave out previous= / --prev-stage (only cascade stages use it)")
+        if self.previous is not None and previous is None:
+            stage = self.previous.configuration
+            raise SettingsError(f"{self.config.name} needs the {stage} segmentation of the scan",
+                                hint=f"pass previous=<{stage} label map>, or `--prev-stage DIR` with its "
+                                     f"predictions (or let `autoseg predict` run {stage} first)")
+
+    def _with_previous(self, data: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
+        """The network's input: data, plus the previous stage's one-hot channels for a cascade stage."""
+        self._check_previous(previous)
+        if self.previous is None or previous is None:
+            return data
+        stage = self.previous.configuration
+        if tuple(previous.shape) != tuple(data.shape[1:]):
+            raise SettingsError(f"the {stage} segmentation has shape {previous.shape}, the scan {data.shape[1:]}",
+                                hint="give the previous stage's prediction of this very scan")
+        channels = one_hot(previous, self.previous.values)
+        return np.concatenate([np.asarray(data, dtype=np.float32), channels], axis=0)
 
     def _check_dimension(self, geometry: Geometry) -> None:
         trained_on_2d_images = self.plans.original_median_spacing[0] == DUMMY_2D_SPACING
@@ -137,10 +180,14 @@ class Predictor:
             raise SettingsError("this is a 2D image but the model was trained on 3D scans",
                                 hint="give the whole 3D volume (one file per channel), not a single slice")
 
-    def predict_files(self, paths: Sequence[str | Path], *, with_probabilities: bool = False) -> Prediction:
-        """Read a case's channel files (in channel order) and segment it."""
+    def predict_files(self, paths: Sequence[str | Path], *, previous: str | Path | None = None,
+                      with_probabilities: bool = False) -> Prediction:
+        """Read a case's channel files (in channel order) and segment it; `previous`: the previous
+        stage's label file (cascade stages)."""
         images, geometry = read_images(paths)
-        return self.predict(images, geometry=geometry, with_probabilities=with_probabilities)
+        previous_labels = None if previous is None else read_label(previous)[0]
+        return self.predict(images, geometry=geometry, previous=previous_labels,
+                            with_probabilities=with_probabilities)
 
 
 def _configuration_name(model: ModelFolder, plans: Plans) -> str:
@@ -160,12 +207,13 @@ def _available_folds(model: ModelFolder, checkpoint: str) -> tuple[str, ...]:
     return folds
 
 
-def _load_network(model: ModelFolder, fold: str, checkpoint: str, plans: Plans,
-                  config: Configuration) -> tuple[nn.Module, tuple[int, ...]]:
+def _load_network(model: ModelFolder, fold: str, checkpoint: str, plans: Plans, config: Configuration,
+                  dataset: Dataset) -> tuple[nn.Module, tuple[int, ...]]:
     from autoseg.model.build import build_network
 
     payload = load_checkpoint(model.checkpoint(fold, checkpoint))
-    network = build_network(config.topology, in_channels=len(plans.channel_names), num_classes=plans.num_classes)
+    in_channels = network_in_channels(plans, config, dataset)
+    network = build_network(config.topology, in_channels=in_channels, num_classes=plans.num_classes)
     try:
         network.load_state_dict(payload["network"])
     except RuntimeError as err:

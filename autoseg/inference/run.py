@@ -2,7 +2,8 @@
 
 Reading and preprocessing the next case and exporting the previous one run in background threads
 (numpy, scipy, SimpleITK and torch release the GIL), so the network is rarely idle. A case that
-cannot be read is reported with its file and the fix; the others are still predicted.
+cannot be read is reported with its file and the fix; the others are still predicted. A cascade stage
+reads each case's previous-stage segmentation from the `previous_stage` folder (CASE<ending>).
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.errors import AutosegError, ImageReadError
+from autoseg.errors import AutosegError, ImageReadError, SettingsError
 from autoseg.inference.info import PredictionInfo, write_prediction_info
 from autoseg.inference.predictor import Prediction, Predictor
-from autoseg.io.readers import SUPPORTED_ENDINGS, file_ending, read_images, write_label
+from autoseg.io.geometry import Geometry
+from autoseg.io.readers import SUPPORTED_ENDINGS, file_ending, read_images, read_label, write_label
 from autoseg.log import get_logger, progress
 
 log = get_logger("inference")
 CHANNEL_PATTERN = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 #: Exports queued at most; bounds the memory held by predictions waiting to be written.
 MAX_PENDING_WRITES = 2
+#: What the reader thread hands over per case: images (c, z, y, x), geometry, previous-stage labels or None.
+Loaded = tuple[np.ndarray, Geometry, "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,14 @@ def _check_channels(case: InputCase, num_channels: int) -> None:
 
 def predict_folder(
     predictor: Predictor, source: Path, output: Path, *, overwrite: bool = False, save_probabilities: bool = False,
-    output_ending: str | None = None,
+    output_ending: str | None = None, previous_stage: Path | None = None,
 ) -> PredictReport:
-    """Predict every case of `source` into `output` as CASE<ending>; returns what was written, skipped, failed."""
+    """Predict every case of `source` into `output` as CASE<ending>; returns what was written, skipped, failed.
+
+    previous_stage: for a cascade model, the folder of the previous stage's predictions (CASE<ending>); a
+    case without one fails with a clear message, the others are still predicted.
+    """
+    _check_previous_stage(predictor, previous_stage)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     cases = find_input_cases(Path(source), predictor.num_channels)
@@ -104,11 +113,12 @@ def predict_folder(
     with ThreadPoolExecutor(1, thread_name_prefix="autoseg-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="autoseg-write") as writer:
         pending: list[tuple[str, Future[None]]] = []
-        for (case, target), loaded in progress(_prefetch(reader, todo, predictor), total=len(todo),
+        for (case, target), loaded in progress(_prefetch(reader, todo, predictor, previous_stage), total=len(todo),
                                                description="predicting"):
             try:
-                images, geometry = loaded.result()
-                prediction = predictor.predict(images, geometry=geometry, with_probabilities=save_probabilities)
+                images, geometry, previous = loaded.result()
+                prediction = predictor.predict(images, geometry=geometry, previous=previous,
+                                               with_probabilities=save_probabilities)
             except AutosegError as err:
                 _fail(report, case.case_id, err)
                 continue
@@ -118,19 +128,54 @@ def predict_folder(
     return report
 
 
-def _prefetch(reader: ThreadPoolExecutor, todo: list[tuple[InputCase, Path]], predictor: Predictor
-              ) -> Iterator[tuple[tuple[InputCase, Path], Future[tuple[np.ndarray, object]]]]:
+def _prefetch(reader: ThreadPoolExecutor, todo: list[tuple[InputCase, Path]], predictor: Predictor,
+              previous_stage: Path | None) -> Iterator[tuple[tuple[InputCase, Path], Future[Loaded]]]:
     """Yield each case with the future of its images, the next one already being read."""
-    futures = [reader.submit(_read, case, predictor.num_channels) for case, _ in todo[:1]]
+    futures = [reader.submit(_read, case, predictor.num_channels, previous_stage) for case, _ in todo[:1]]
     for index, item in enumerate(todo):
         if index + 1 < len(todo):
-            futures.append(reader.submit(_read, todo[index + 1][0], predictor.num_channels))
+            futures.append(reader.submit(_read, todo[index + 1][0], predictor.num_channels, previous_stage))
         yield item, futures[index]
 
 
-def _read(case: InputCase, num_channels: int) -> tuple[np.ndarray, object]:
+def _read(case: InputCase, num_channels: int, previous_stage: Path | None) -> Loaded:
+    """Images and geometry of a case, and its previous-stage label map (z, y, x) when a folder is given."""
     _check_channels(case, num_channels)
-    return read_images(case.files)
+    images, geometry = read_images(case.files)
+    if previous_stage is None:
+        return images, geometry, None
+    path = previous_stage_file(previous_stage, case)
+    previous, previous_geometry = read_label(path)
+    if previous_geometry.shape != geometry.shape:
+        raise ImageReadError(f"case {case.case_id}: the previous-stage segmentation has shape "
+                             f"{previous_geometry.shape}, the scan {geometry.shape}", path=path,
+                             hint="the previous-stage folder must hold predictions of these very scans")
+    return images, geometry, previous
+
+
+def previous_stage_file(folder: Path, case: InputCase) -> Path:
+    """The previous stage's prediction of `case`: CASE<ending>, the scan's ending first."""
+    for ending in dict.fromkeys((case.ending, *SUPPORTED_ENDINGS)):
+        path = Path(folder) / f"{case.case_id}{ending}"
+        if path.is_file():
+            return path
+    raise ImageReadError(f"case {case.case_id}: no previous-stage segmentation {case.case_id}{case.ending}",
+                         path=folder, hint="predict the scans with the previous stage into this folder first "
+                                           "(or leave out --prev-stage to have `autoseg predict` chain both stages)")
+
+
+def _check_previous_stage(predictor: Predictor, previous_stage: Path | None) -> None:
+    previous = predictor.previous
+    if previous is None and previous_stage is not None:
+        raise SettingsError(f"{predictor.config.name} is not a cascade stage: it takes no previous-stage folder",
+                            path=previous_stage, hint="leave out --prev-stage")
+    if previous is not None and previous_stage is None:
+        raise SettingsError(f"{predictor.config.name} needs the {previous.configuration} predictions of the scans",
+                            hint=f"pass --prev-stage DIR with them, or predict through `autoseg predict`, which "
+                                 f"runs {previous.configuration} first")
+    if previous_stage is not None and not Path(previous_stage).is_dir():
+        raise SettingsError("previous-stage folder not found", path=previous_stage,
+                            hint="pass the folder the previous stage's `autoseg predict -o` wrote")
 
 
 def _export(prediction: Prediction, target: Path, save_probabilities: bool) -> None:

@@ -3,7 +3,8 @@
 Called when a fold finishes training (through the API, so training never imports inference). The
 cases come from the cache, so they are prepared exactly as in training, and are written back on
 their original grid beside the fold: `fold_k/validation/CASE<ending>` plus probabilities for
-ensembling.
+ensembling. A cascade stage gets each case's previous-stage segmentation from `previous_dir`, where
+training stored it on the cache's grid (`<cache>/previous_<stage>/CASE.npy`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from autoseg.errors import SettingsError
 from autoseg.inference.info import PredictionInfo, write_prediction_info
 from autoseg.inference.predictor import PredictOptions, Predictor
 from autoseg.inference.run import probabilities_file, save_probabilities_file
@@ -26,7 +28,7 @@ log = get_logger("inference")
 
 def predict_validation(
     folder: ModelFolder, fold: int | str, *, cache: Path, case_ids: Sequence[str], file_ending: str,
-    device: str = "auto", save_probabilities: bool = True, overwrite: bool = True,
+    device: str = "auto", save_probabilities: bool = True, overwrite: bool = True, previous_dir: Path | None = None,
 ) -> Path:
     """Write the fold's validation predictions; returns the folder they are in."""
     output = folder.validation_dir(fold)
@@ -37,10 +39,19 @@ def predict_validation(
         if target.exists() and not overwrite:
             continue
         data, _, properties, _ = read_case(cache, case_id, mmap=True)
-        prediction = predictor.predict_preprocessed(np.asarray(data), properties,
+        previous = None if previous_dir is None else _read_previous(previous_dir, case_id)
+        prediction = predictor.predict_preprocessed(np.asarray(data), properties, previous=previous,
                                                     with_probabilities=save_probabilities)
         if save_probabilities and prediction.probabilities is not None:
             save_probabilities_file(probabilities_file(target), prediction.probabilities)
         write_label(prediction.labels, prediction.geometry, target)
     log.info("validation predictions of fold %s written to %s", fold, output)
     return output
+
+
+def _read_previous(folder: Path, case_id: str) -> np.ndarray:
+    path = Path(folder) / f"{case_id}.npy"
+    if not path.is_file():
+        raise SettingsError(f"case {case_id} has no previous-stage segmentation", path=path,
+                            hint="train the cascade fold with `autoseg train`, which stores them first")
+    return np.load(path)

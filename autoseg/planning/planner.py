@@ -216,13 +216,11 @@ def _too_small(name: str, topology: Topology, patch: tuple[int, ...], *, setting
 
 def _setting(fingerprint: Fingerprint, dataset: Dataset, budget_gb: float, plans_name: str) -> _Setting:
     schemes = normalization_schemes(dataset.channel_names)
-    ignore = {0} if dataset.ignore_label is None else {0, dataset.ignore_label}
-    foreground_values = {v for label in dataset.labels for v in label.values} - ignore
     num_training = dataset.num_training if dataset.num_training > 0 else len(fingerprint.cases)
     return _Setting(
         in_channels=len(dataset.channel_names),
         num_classes=dataset.num_classes,
-        cascade_channels=len(foreground_values),
+        cascade_channels=len(dataset.foreground_values),
         budget_gb=float(budget_gb),
         num_training=num_training,
         normalization=schemes,

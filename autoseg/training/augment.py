@@ -6,7 +6,10 @@ axes in array order ((z, y, x) or (y, x)). The default preset follows nnU-Net v2
 per sample, elastic deformation off, then Gaussian noise 0.1, blur 0.2, multiplicative brightness 0.15,
 contrast 0.15, simulated low resolution 0.25, inverted gamma 0.1, gamma 0.3, mirroring along every
 axis. Images are interpolated linearly, segmentations label by label (linear indicator + argmax) with
--1 outside, so labels keep their shape and stay aligned with the image.
+-1 outside, so labels keep their shape and stay aligned with the image. A cascade's previous-stage
+segmentation travels as a second seg channel through all of this (moved like the label, untouched by
+the intensity transforms), then becomes one-hot data channels, randomly dilated / eroded / opened /
+closed (p 0.4) and stripped of a small connected component (p 0.2) as nnU-Net does (`perturb_previous`).
 
 The spatial step runs per sample on batchgenerators' coordinate and interpolation functions (the ones
 its SpatialTransform is made of): the transform is drawn first, so only the box of the case it
@@ -50,11 +53,13 @@ class SpatialSettings:
 @dataclass(frozen=True)
 class Augmentation:
     """A resolved preset for one configuration: the spatial part (None: plain crops), mirroring axes
-    (array order, spatial axes only) and whether intensity transforms run."""
+    (array order, spatial axes only), whether intensity transforms run, and whether a cascade's
+    previous-stage channels are perturbed (`perturb_previous`)."""
 
     spatial: SpatialSettings | None
     mirror_axes: tuple[int, ...]
     intensity: bool
+    perturb_previous: bool = False
 
 
 def uses_dummy_2d(patch: Sequence[int]) -> bool:
@@ -79,7 +84,7 @@ PRESETS: Registry[Callable[[tuple[int, ...]], Augmentation]] = Registry("augment
 @PRESETS.register("default")
 def _default(patch: tuple[int, ...]) -> Augmentation:
     spatial = SpatialSettings(rotation=default_rotation(patch), dummy_2d=uses_dummy_2d(patch))
-    return Augmentation(spatial=spatial, mirror_axes=tuple(range(len(patch))), intensity=True)
+    return Augmentation(spatial=spatial, mirror_axes=tuple(range(len(patch))), intensity=True, perturb_previous=True)
 
 
 @PRESETS.register("none")
@@ -255,3 +260,53 @@ def downsample_target(seg: np.ndarray, factor: Sequence[int]) -> np.ndarray:
     input voxel i * f + f // 2 (torch's "nearest-exact"), i.e. the centre of the covered block."""
     index = tuple(slice(f // 2, f // 2 + (n // f) * f, f) for f, n in zip(factor, seg.shape[2:]))
     return np.ascontiguousarray(seg[(slice(None), slice(None), *index)])
+
+
+#: nnU-Net's cascade augmentation: per sample, a random morphological operation on each previous-stage
+#: channel (ball radius 1-8 voxels), and removal of one random component smaller than 15 % of the patch.
+P_MORPHOLOGY, MAX_RADIUS, P_REMOVE_COMPONENT, MAX_COMPONENT_FRACTION = 0.4, 8, 0.2, 0.15
+
+
+def perturb_previous(channels: np.ndarray, rng: np.random.Generator) -> None:
+    """Perturb one-hot previous-stage channels (b, n, *patch) in place, so the network learns to correct
+    the previous stage rather than copy it. Channels stay 0/1 and never overlap."""
+    from scipy import ndimage
+
+    for sample in channels:
+        if rng.random() < P_MORPHOLOGY:
+            for c in rng.permutation(len(sample)):
+                mask = sample[c] > 0
+                changed = _morphology(mask, str(rng.choice(["dilate", "erode", "close", "open"])),
+                                      int(rng.integers(1, MAX_RADIUS + 1)))
+                added = changed & ~mask
+                sample[c] = changed
+                for other in range(len(sample)):
+                    if other != c:
+                        sample[other][added] = 0
+        if rng.random() < P_REMOVE_COMPONENT:
+            for c in range(len(sample)):
+                components, count = ndimage.label(sample[c] > 0)
+                if count == 0:
+                    continue
+                sizes = np.bincount(components.ravel())[1:]
+                small = np.flatnonzero(sizes < MAX_COMPONENT_FRACTION * sample[c].size)
+                if len(small):
+                    sample[c][components == int(rng.choice(small)) + 1] = 0
+
+
+def _morphology(mask: np.ndarray, operation: str, radius: int) -> np.ndarray:
+    """Binary dilation / erosion / closing / opening with a Euclidean ball of `radius` voxels, through
+    distance transforms: linear time whatever the radius (a ball of radius 8 has ~2,000 voxels)."""
+    from scipy import ndimage
+
+    def dilate(m: np.ndarray) -> np.ndarray:
+        return ndimage.distance_transform_edt(~m) <= radius if m.any() and not m.all() else m.copy()
+
+    def erode(m: np.ndarray) -> np.ndarray:
+        return ndimage.distance_transform_edt(m) > radius if m.any() and not m.all() else m.copy()
+
+    if operation == "dilate":
+        return dilate(mask)
+    if operation == "erode":
+        return erode(mask)
+    return erode(dilate(mask)) if operation == "close" else dilate(erode(mask))

@@ -24,6 +24,7 @@ import numpy as np
 from autoseg.errors import SettingsError
 from autoseg.log import get_logger
 from autoseg.planning.contract import Configuration
+from autoseg.preprocessing.previous import one_hot
 from autoseg.training.augment import (
     Augmentation,
     batch_transforms,
@@ -32,6 +33,7 @@ from autoseg.training.augment import (
     draw_spatial,
     initial_size,
     input_box,
+    perturb_previous,
     resample_sample,
     resolve,
     sample_points,
@@ -52,8 +54,10 @@ class BatchSource:
     """
 
     def __init__(self, folder: str | Path, case_ids: Sequence[str], config: Configuration, *, batch_size: int,
-                 oversample: float, augmentation: str, seed: int, deep_supervision: bool) -> None:
-        self.cache = CaseCache(folder, case_ids)
+                 oversample: float, augmentation: str, seed: int, deep_supervision: bool,
+                 previous_dir: str | Path | None = None, previous_values: Sequence[int] = ()) -> None:
+        self.cache = CaseCache(folder, case_ids, previous=previous_dir)
+        self.previous_values = tuple(int(v) for v in previous_values)
         self.patch = tuple(int(p) for p in config.patch_size)
         self.batch_size, self.oversample, self.seed = batch_size, oversample, seed
         self.augmentation: Augmentation = resolve(augmentation, self.patch)
@@ -71,11 +75,16 @@ class BatchSource:
             batch = {"data": np.stack([s[0] for s in samples]), "seg": np.stack([s[1] for s in samples])}
             for transform in self.transforms:
                 batch = transform(**batch)
-        seg = batch["seg"]
+        data, seg = batch["data"], batch["seg"]
+        if self.cache.previous is not None:  # cascade: the 2nd seg channel becomes one-hot data channels
+            previous = one_hot(seg[:, 1], self.previous_values, axis=1)
+            if self.augmentation.perturb_previous:
+                perturb_previous(previous, rng)
+            data, seg = np.concatenate([data, previous], axis=1), seg[:, :1]
         seg[seg < 0] = 0
         seg = seg.astype(self.target_dtype)
         return {
-            "data": np.ascontiguousarray(batch["data"], dtype=np.float32),
+            "data": np.ascontiguousarray(data, dtype=np.float32),
             "target": [downsample_target(seg, f) if any(v > 1 for v in f) else seg for f in self.factors],
             "case_ids": tuple(self.cache.case_ids[box.case] for box in boxes),
             "forced": np.array([box.forced for box in boxes]),
@@ -83,7 +92,7 @@ class BatchSource:
         }
 
     def _sample(self, box: PatchBox, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(c, *patch) float32 and (1, *patch) int16 for one box."""
+        """(c, *patch) float32 and (1, *patch) int16 (2 channels with a previous stage) for one box."""
         spatial = self.augmentation.spatial
         draw = draw_spatial(spatial, rng, len(self.patch))
         if spatial is None or draw is None:
@@ -148,7 +157,8 @@ class TrainingLoader:
 def make_loader(
     folder: str | Path, case_ids: Sequence[str], config: Configuration, *, batch_size: int | None = None,
     oversample: float = 0.33, augmentation: str = "default", workers: int | None = None, seed: int = 0,
-    deep_supervision: bool = True, start: int = 0, prefetch: int = 2,
+    deep_supervision: bool = True, start: int = 0, prefetch: int = 2, previous_dir: str | Path | None = None,
+    previous_values: Sequence[int] = (),
 ) -> TrainingLoader:
     """An endless loader of training (or, with augmentation="none", validation) batches.
 
@@ -161,6 +171,9 @@ def make_loader(
     Each item: data float32 (b, c, *patch); target: one (b, 1, *patch / f) array per decoder output,
     highest resolution first (one only without deep supervision), uint8 for int8 caches else int16,
     -1 (outside the body) mapped to 0; case_ids; forced (bool (b,)); index.
+    Cascade: `previous_dir` holds the previous stage's segmentation per case (on the cache's grid); data
+    then ends with one 0/1 channel per value of `previous_values`, moved and mirrored with the image but
+    not intensity-augmented.
     """
     batch_size = config.batch_size if batch_size is None else batch_size
     if batch_size < 1:
@@ -171,7 +184,8 @@ def make_loader(
         raise SettingsError(f"workers must be 0 or more, got {workers}", hint="use --workers 0 for no background "
                             "processes")
     source = BatchSource(folder, case_ids, config, batch_size=batch_size, oversample=oversample,
-                         augmentation=augmentation, seed=seed, deep_supervision=deep_supervision)
+                         augmentation=augmentation, seed=seed, deep_supervision=deep_supervision,
+                         previous_dir=previous_dir, previous_values=previous_values)
     if workers is None:
         cpus = allotted_cpus()
         workers = default_workers(cpus)

@@ -10,12 +10,13 @@ from typing import Any
 from autoseg.dataset.contract import Dataset
 from autoseg.errors import SettingsError
 from autoseg.log import get_logger
-from autoseg.model_folder import ModelFolder
+from autoseg.model_folder import ModelFolder, network_in_channels, previous_stage
 from autoseg.paths import DatasetLocation
 from autoseg.planning.contract import Plans
 from autoseg.runtime.device import configure_threads, keep_freed_memory, seed_all
-from autoseg.runtime.distributed import RuntimeContext, shutdown
+from autoseg.runtime.distributed import RuntimeContext, barrier, shutdown
 from autoseg.serialization import atomic_write, load_contract
+from autoseg.training.cascade import previous_sources, store_previous
 from autoseg.training.loop import FoldRun, train_fold
 from autoseg.training.progress import attach_log_file, detach_log_file
 from autoseg.training.settings import TrainingSettings
@@ -42,9 +43,6 @@ def fold_run(location: DatasetLocation, dataset: Dataset, plans: Plans, configur
         raise SettingsError(f"the plan has no configuration {configuration!r}",
                             hint=f"choose one of: {', '.join(plans.configurations)}")
     config = plans.configurations[configuration]
-    if config.previous_stage:
-        raise SettingsError(f"{configuration} needs the predictions of {config.previous_stage}, which arrive "
-                            "with the inference stage", hint="train 3d_fullres or 3d_lowres for now")
     ids = [case.case_id for case in dataset.cases]
     splits = load_or_create_splits(location.preprocessed, ids, extra=[location.raw])
     train_ids, val_ids = fold_cases(splits, fold, ids)
@@ -52,10 +50,10 @@ def fold_run(location: DatasetLocation, dataset: Dataset, plans: Plans, configur
     return FoldRun(
         folder=ModelFolder.for_run(location.results, configuration, plans.plans_name), fold=fold,
         config=config, cache=location.preprocessed / config.data_id, train_ids=tuple(train_ids),
-        val_ids=tuple(val_ids), in_channels=len(plans.channel_names), num_classes=plans.num_classes,
+        val_ids=tuple(val_ids), in_channels=network_in_channels(plans, config, dataset), num_classes=plans.num_classes,
         class_names=tuple(label.name for label in labels),
         regions=tuple(label.values for label in labels) if dataset.has_regions else None,
-        ignore_label=dataset.ignore_label,
+        ignore_label=dataset.ignore_label, previous=previous_stage(config, dataset),
     )
 
 
@@ -63,12 +61,18 @@ def train_one_fold(location: DatasetLocation, dataset: Dataset, plans: Plans, co
                    fold: int | str, *, overrides: dict[str, Any], device: str, resume: bool) -> Path:
     run = fold_run(location, dataset, plans, configuration, fold)
     require_cache(run)
+    sources = previous_sources(location, dataset, plans, run.previous.configuration) if run.previous else None
     settings = resolve_settings(run.folder, overrides, resume=resume)
     context = RuntimeContext.from_env(device, amp=settings.amp)
     configure_threads(context.device)
     if context.device.type == "cpu":
         keep_freed_memory()
     seed_all(settings.seed + context.rank)
+    if sources is not None and run.previous is not None:
+        if context.is_main:
+            store_previous(sources, cache=run.cache, stage=run.previous.configuration, plans=plans,
+                           config_name=configuration)
+        barrier(context)
     handler = None
     if context.is_main:
         run.folder.write_metadata(plans, dataset_json=Path(dataset.root) / "dataset.json", settings=settings)

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from autoseg.log import get_logger, progress
-from autoseg.model_folder import ModelFolder, load_checkpoint, save_checkpoint
+from autoseg.model_folder import ModelFolder, PreviousStage, load_checkpoint, save_checkpoint
 from autoseg.planning.contract import Configuration
+from autoseg.preprocessing.previous import previous_dir
 from autoseg.runtime.distributed import RuntimeContext, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
 from autoseg.training.augment import resolve as resolve_augmentation
 from autoseg.training.data import make_loader
@@ -46,6 +47,13 @@ class FoldRun:
     class_names: tuple[str, ...]
     regions: tuple[tuple[int, ...], ...] | None = None
     ignore_label: int | None = None
+    #: A cascade stage's input besides the image (in_channels counts its one-hot channels).
+    previous: PreviousStage | None = None
+
+    @property
+    def previous_dir(self) -> Path | None:
+        """The previous stage's segmentations on this cache's grid (cascade only)."""
+        return previous_dir(self.cache, self.previous.configuration) if self.previous else None
 
 
 @dataclass
@@ -91,7 +99,8 @@ def train_fold(run: FoldRun, settings: TrainingSettings, context: RuntimeContext
 def _loaders(run: FoldRun, settings: TrainingSettings, context: RuntimeContext, *, start_epoch: int):
     per_rank = math.ceil((settings.batch_size or run.config.batch_size) / context.world_size)
     common = {"batch_size": per_rank, "oversample": settings.foreground_oversample,
-              "deep_supervision": settings.deep_supervision}
+              "deep_supervision": settings.deep_supervision, "previous_dir": run.previous_dir,
+              "previous_values": run.previous.values if run.previous else ()}
     train = make_loader(run.cache, run.train_ids, run.config, augmentation=settings.augmentation,
                         workers=settings.workers, seed=settings.seed + 1_000_003 * context.rank,
                         start=start_epoch * settings.iterations_per_epoch, **common)

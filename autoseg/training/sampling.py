@@ -125,8 +125,9 @@ class CaseCache:
     up to LOCATION_CACHE_BYTES per process.
     """
 
-    def __init__(self, folder: str | Path, case_ids: Sequence[str]) -> None:
+    def __init__(self, folder: str | Path, case_ids: Sequence[str], *, previous: str | Path | None = None) -> None:
         self.folder = Path(folder)
+        self.previous = None if previous is None else Path(previous)  # cascade: <folder>/previous_<stage>
         self.case_ids = tuple(case_ids)
         if not self.case_ids:
             raise AutosegError("no training cases were given to the loader", path=self.folder,
@@ -142,7 +143,7 @@ class CaseCache:
         self._reset()
 
     def _reset(self) -> None:
-        self._open: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[np.ndarray, ...]] = OrderedDict()
         self._headers: dict[Path, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
         self._locations: OrderedDict[int, dict[int, np.ndarray]] = OrderedDict()
         self._location_bytes = 0
@@ -152,6 +153,10 @@ class CaseCache:
         if missing:
             raise CacheMissingError(f"case {case_id!r} is not in the preprocessed cache ({missing[0].name} missing)",
                                     path=self.folder, hint=f"run `{RERUN}` for this configuration")
+        if self.previous is not None and not (self.previous / f"{case_id}.npy").is_file():
+            raise CacheMissingError(f"case {case_id!r} has no previous-stage segmentation", path=self.previous,
+                                    hint="train the cascade fold through `autoseg train`, which gathers them from "
+                                         "the previous stage's cross-validation")
 
     def __getstate__(self) -> dict[str, object]:
         state = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -161,13 +166,16 @@ class CaseCache:
         self.__dict__.update(state)
         self._reset()
 
-    def arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(data (c, z, y, x), seg (z, y, x)) of case `index` as read-only memory maps."""
+    def arrays(self, index: int) -> tuple[np.ndarray, ...]:
+        """(data (c, z, y, x), seg (z, y, x)[, previous stage (z, y, x)]) of case `index` as read-only
+        memory maps; the third only for a cascade cache."""
         if index in self._open:
             self._open.move_to_end(index)
             return self._open[index]
         files = case_files(self.folder, self.case_ids[index])
-        pair = (self._map(files["data"]), self._map(files["seg"]))
+        pair: tuple[np.ndarray, ...] = (self._map(files["data"]), self._map(files["seg"]))
+        if self.previous is not None:
+            pair = (*pair, self._map(self.previous / f"{self.case_ids[index]}.npy"))
         self._open[index] = pair
         while len(self._open) > self.max_open:
             self._open.popitem(last=False)
@@ -262,8 +270,10 @@ def _box(cache: CaseCache, case: int, patch: Sequence[int], *, forced: bool,
 def read_box(cache: CaseCache, box: PatchBox, lower: Sequence[int], *, size: Sequence[int]
              ) -> tuple[np.ndarray, np.ndarray]:
     """Data (c, *size) and seg (1, *size) of the region [lower, lower + size) of the box's case (in its
-    slice for 2d boxes); the final patch is `read_box(cache, box, box.lower, size=patch)`."""
-    data, seg = cache.arrays(box.case)
+    slice for 2d boxes); the final patch is `read_box(cache, box, box.lower, size=patch)`. A cascade cache
+    adds the previous stage's segmentation as a second seg channel: (2, *size)."""
+    data, *segs = cache.arrays(box.case)
     if box.slice_index is not None:
-        data, seg = data[:, box.slice_index], seg[box.slice_index]
-    return crop_padded(data, lower, size, fill=0.0), crop_padded(seg, lower, size, fill=-1)[None]
+        data, segs = data[:, box.slice_index], [seg[box.slice_index] for seg in segs]
+    labels = [crop_padded(seg, lower, size, fill=-1).astype(np.int16, copy=False) for seg in segs]
+    return crop_padded(data, lower, size, fill=0.0), np.stack(labels)
