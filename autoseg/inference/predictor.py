@@ -36,7 +36,7 @@ from autoseg.planning.contract import Configuration, Plans
 from autoseg.preprocessing.case import preprocess_arrays
 from autoseg.preprocessing.contract import CaseProperties
 from autoseg.preprocessing.previous import one_hot, to_preprocessed_grid
-from autoseg.runtime.device import amp_dtype, pick_device
+from autoseg.runtime.device import amp_dtype, keep_freed_memory, pick_device
 
 log = get_logger("inference")
 
@@ -86,6 +86,8 @@ class Predictor:
         dataset = read_dataset_json(model.dataset_file)
         folds = options.folds or _available_folds(model, options.checkpoint)
         device = pick_device(options.device)
+        if device.type == "cpu":  # every tile frees and reallocates large activations: 2.2x faster (benchmarks.md)
+            keep_freed_memory()
         networks, mirror_axes = [], None
         for fold in folds:
             network, axes = _load_network(model, fold, options.checkpoint, plans, config, dataset)
