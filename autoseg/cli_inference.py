@@ -36,6 +36,9 @@ def predict_command(
     tiles_per_batch: Annotated[int | None, typer.Option("--tiles-per-batch", min=1, help=(
         "Tiles per forward pass (default: 1 on CPU, the plan's batch size on GPU)."))] = None,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
+    cpu_bf16: Annotated[bool, typer.Option("--cpu-bf16", help=(
+        "bf16 on CPU: ~2-3x faster on CPUs with native bf16 (AVX512-BF16/AMX), output changes slightly."))
+                        ] = False,
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help=(
         "Also write CASE.npz with class probabilities (for `autoseg ensemble`)."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict cases whose output exists too.")] = False,
@@ -54,7 +57,7 @@ def predict_command(
 
     fold_list = _folds(list(folds or []) + list(ctx.args))
     options = PredictOptions(folds=fold_list, checkpoint=checkpoint, device=device, tta=tta, step_size=step_size,
-                             tiles_per_batch=tiles_per_batch, amp=amp)
+                             tiles_per_batch=tiles_per_batch, amp=amp, cpu_bf16=cpu_bf16)
     report = api.predict(source, output, dataset=dataset, configuration=configuration, plans_name=plans_name,
                          model=model, options=options, overwrite=overwrite, save_probabilities=save_probabilities,
                          prev_stage=prev_stage)

@@ -187,3 +187,12 @@ def test_input_cases_are_grouped_by_channel(tmp_path: Path) -> None:
     cases = find_input_cases(tmp_path, 2)
     assert [(c.case_id, c.channels, c.ending) for c in cases] == [("a", (0, 1), ".nii.gz"), ("b", (0,), ".mha")]
     assert os.path.basename(cases[0].files[1]) == "a_0001.nii.gz"
+
+
+def test_cpu_bf16_is_an_opt_in_that_stays_close(model: ModelFolder, example_dataset: Path) -> None:
+    images, geometry = read_images([example_dataset / "imagesTs" / "test_000_0000.nii.gz"])
+    exact = Predictor.from_folder(model.root, PredictOptions(folds=("0",), tta=False))
+    fast = Predictor.from_folder(model.root, PredictOptions(folds=("0",), tta=False, cpu_bf16=True))
+    assert exact.amp is None and fast.amp == torch.bfloat16
+    agree = exact.predict(images, geometry=geometry).labels == fast.predict(images, geometry=geometry).labels
+    assert agree.mean() > 0.9

@@ -11,12 +11,14 @@ from torch import nn
 
 from autoseg.inference.sliding import WindowSettings, sliding_window_logits
 from autoseg.inference.tiling import (
+    gaussian_axes,
     gaussian_importance,
     mirror_combinations,
     pad_to_patch,
     padding_for,
     tile_boxes,
     tile_starts,
+    weight_sums,
 )
 
 
@@ -118,3 +120,17 @@ def test_several_networks_are_averaged() -> None:
     window = WindowSettings(patch=(8, 8, 8))
     out = sliding_window_logits([Scale(1.0), Scale(3.0)], data, window, num_classes=1, device=torch.device("cpu"))
     np.testing.assert_allclose(out.numpy(), 2.0, rtol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.tuples(st.integers(8, 40), st.integers(6, 40), st.integers(6, 40)),
+       step=st.sampled_from([0.3, 0.5, 1.0]))
+def test_separable_weight_sums_equal_the_summed_weight_map(shape, step) -> None:
+    patch = (8, 6, 6)
+    dense = np.zeros(shape)
+    importance = gaussian_importance(patch)
+    for box in tile_boxes(shape, patch, step):
+        dense[box] += importance
+    axes = weight_sums(shape, patch, step, gaussian_axes(patch))
+    separable = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    np.testing.assert_allclose(separable, dense, rtol=1e-5)

@@ -61,6 +61,7 @@ class PredictOptions:
     step_size: float = 0.5
     tiles_per_batch: int | None = None  # None: 1 on CPU, the plan's batch size on a GPU
     amp: bool = True
+    cpu_bf16: bool = False  # bf16 autocast on CPU: faster on CPUs with native bf16, output changes slightly
 
 
 class Predictor:
@@ -99,7 +100,8 @@ class Predictor:
         log.info("loaded %s (folds %s) on %s; test-time mirroring over axes %s", model.root.name,
                  ", ".join(folds), device, window.mirror_axes or "none")
         return cls(networks, plans=plans, config=config, dataset=dataset, window=window, device=device,
-                   amp=amp_dtype(device, enabled=options.amp), source=model.root.resolve(), folds=tuple(folds))
+                   amp=amp_dtype(device, enabled=options.amp, cpu_bf16=options.cpu_bf16),
+                   source=model.root.resolve(), folds=tuple(folds))
 
     @property
     def num_channels(self) -> int:

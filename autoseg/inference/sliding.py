@@ -2,8 +2,9 @@
 
 Each batch of tiles goes through every network (the folds of an ensemble) and every mirrored copy
 (test-time augmentation); their mean logits, weighted by a Gaussian, are added into one
-accumulator, so the volume is read once however many folds there are. The accumulator lives on
-the GPU when it fits there and falls back to CPU memory for huge volumes instead of failing.
+accumulator, so the volume is read once however many folds there are. The weight sum is separable
+and never stored at full size. The accumulator lives on the GPU when it fits there and falls back
+to CPU memory for huge volumes instead of failing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoseg.inference.tiling import gaussian_importance, mirror_combinations, pad_to_patch, tile_boxes
+from autoseg.inference.tiling import (
+    gaussian_axes,
+    gaussian_importance,
+    mirror_combinations,
+    pad_to_patch,
+    tile_boxes,
+    weight_sums,
+)
 from autoseg.log import get_logger
 from autoseg.runtime.device import autocast
 
@@ -44,8 +52,9 @@ def sliding_window_logits(
     padded, inner = pad_to_patch(np.asarray(data, dtype=np.float32), window)
     volume = torch.from_numpy(np.ascontiguousarray(padded))
     volume = _to_device_if_it_fits(volume, device)
+    axes = gaussian_axes(window) if settings.gaussian else [np.ones(int(p)) for p in window]
     weight = torch.from_numpy(gaussian_importance(window) if settings.gaussian else np.ones(window, np.float32))
-    logits, counts = _accumulators(num_classes, padded.shape[1:], device)
+    logits = _accumulator(num_classes, padded.shape[1:], device)
     weight = weight.to(logits.device)
     flips = mirror_combinations(settings.mirror_axes)
     boxes = tile_boxes(padded.shape[1:], window, settings.step)
@@ -58,8 +67,10 @@ def sliding_window_logits(
             mean = mean.to(logits.device) * weight
             for tile, box in zip(mean, batch_boxes):
                 logits[(slice(None), *box)] += tile
-                counts[box] += weight
-    logits /= counts
+    for dim, total in enumerate(weight_sums(padded.shape[1:], window, settings.step, axes)):
+        view = [1] * logits.ndim
+        view[dim + 1] = -1
+        logits /= torch.from_numpy(total.astype(np.float32)).to(logits.device).reshape(view)
     return logits[(slice(None), *inner)].cpu()
 
 
@@ -95,13 +106,12 @@ def _to_device_if_it_fits(volume: torch.Tensor, device: torch.device) -> torch.T
         return volume
 
 
-def _accumulators(num_classes: int, shape: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logit sum and weight sum, on the device when they fit there, else in CPU memory."""
+def _accumulator(num_classes: int, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The weighted logit sum, on the device when it fits there, else in CPU memory. (The weight sum
+    needs no map of its own: it is separable, see `weight_sums`.)"""
     if device.type != "cpu":
         try:
-            return (torch.zeros((num_classes, *shape), dtype=torch.float32, device=device),
-                    torch.zeros(tuple(shape), dtype=torch.float32, device=device))
+            return torch.zeros((num_classes, *shape), dtype=torch.float32, device=device)
         except torch.OutOfMemoryError:
             log.warning("the prediction of this volume does not fit on %s; accumulating in CPU memory", device)
-    return (torch.zeros((num_classes, *shape), dtype=torch.float32),
-            torch.zeros(tuple(shape), dtype=torch.float32))
+    return torch.zeros((num_classes, *shape), dtype=torch.float32)

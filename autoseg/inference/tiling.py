@@ -36,16 +36,39 @@ def tile_boxes(shape: Sequence[int], patch: Sequence[int], step: float) -> list[
     return [tuple(slice(b, b + int(p)) for b, p in zip(corner, patch)) for corner in itertools.product(*starts)]
 
 
-def gaussian_importance(patch: Sequence[int], sigma_scale: float = SIGMA_SCALE) -> np.ndarray:
-    """A separable Gaussian over the patch, peak 1 at the centre, float32, never exactly 0."""
-    weights = np.ones((), dtype=np.float64)
+def gaussian_axes(patch: Sequence[int], sigma_scale: float = SIGMA_SCALE) -> list[np.ndarray]:
+    """The 1D factors of the importance map, each peaking at 1: their outer product is the map."""
+    axes = []
     for size in patch:
         centre, sigma = (size - 1) / 2, max(size * sigma_scale, 1e-6)
         axis = np.exp(-0.5 * ((np.arange(size) - centre) / sigma) ** 2)
+        axes.append(axis / axis.max())
+    return axes
+
+
+def gaussian_importance(patch: Sequence[int], sigma_scale: float = SIGMA_SCALE) -> np.ndarray:
+    """A separable Gaussian over the patch, peak 1 at the centre, float32, never exactly 0."""
+    weights = np.ones((), dtype=np.float64)
+    for axis in gaussian_axes(patch, sigma_scale):
         weights = np.multiply.outer(weights, axis)
-    weights /= weights.max()
     floor = weights[weights > 0].min()
     return np.maximum(weights, floor).astype(np.float32)
+
+
+def weight_sums(shape: Sequence[int], patch: Sequence[int], step: float, axes: Sequence[np.ndarray]
+                ) -> list[np.ndarray]:
+    """Per axis, the sum of the 1D weights of every tile covering each position.
+
+    Tiles form a grid and the weights are separable, so the summed weight of a voxel is the outer
+    product of these: the sliding window divides by them instead of storing a full-size weight map.
+    """
+    sums = []
+    for size, p, axis in zip(shape, patch, axes):
+        total = np.zeros(int(size), dtype=np.float64)
+        for start in tile_starts(int(size), int(p), step):
+            total[start:start + int(p)] += axis
+        sums.append(total)
+    return sums
 
 
 def padding_for(shape: Sequence[int], patch: Sequence[int]) -> tuple[tuple[int, int], ...]:
