@@ -89,6 +89,8 @@ def collect_cross_validation(model_root: Path, output: Path) -> Path:
     linked (copied across file systems); files of cases no fold validates are removed, so the folder
     holds exactly the cross-validation. prediction.json is written with all folds as its folds.
     """
+    from autoseg.inference.info import probabilities_file
+
     root, output = Path(model_root), Path(output)
     per_fold = _validation_files(root)
     output.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,7 @@ def collect_cross_validation(model_root: Path, output: Path) -> Path:
                                                                       "fold's val list, then retrain")
             seen[case_id] = fold
             _link(label_file, output / label_file.name)
-            npz = label_file.parent / f"{case_id}.npz"
+            npz = probabilities_file(label_file)
             if npz.is_file():
                 _link(npz, output / npz.name)
             else:
@@ -166,14 +168,13 @@ def _remove_stale(folder: Path, cases: set[str]) -> None:
 def _write_merged_info(root: Path, output: Path, n_folds: int) -> None:
     from dataclasses import replace
 
-    from autoseg.inference.info import INFO_FILE, read_prediction_info, write_prediction_info
+    from autoseg.inference.info import INFO_FILE, probabilities_file, read_prediction_info, write_prediction_info
 
     source = root / "fold_0" / "validation"
     if not (source / INFO_FILE).is_file():
         log.info("%s has no prediction.json: %s cannot be ensembled", source, root.name)
         return
-    has_npz = all(path.with_name(f"{path.name[: -len(file_ending(path))]}.npz").is_file()
-                  for path in output.iterdir() if file_ending(path))
+    has_npz = all(probabilities_file(path).is_file() for path in output.iterdir() if file_ending(path))
     info = replace(read_prediction_info(source), sources=(str(root.resolve()),),
                    folds=tuple(str(fold) for fold in range(n_folds)), probabilities=has_npz)
     write_prediction_info(output, info)
@@ -264,9 +265,11 @@ def _score_ensembles(singles: list[CandidateScore], crossval: Path, evaluation: 
 
 
 def _has_probabilities(folder: Path, ending: str) -> bool:
+    from autoseg.inference.info import probabilities_file
+
     labels = [p for p in folder.iterdir() if p.name.endswith(ending)]
     return (folder / "prediction.json").is_file() and bool(labels) and \
-        all((folder / f"{p.name[: -len(ending)]}.npz").is_file() for p in labels)
+        all(probabilities_file(p).is_file() for p in labels)
 
 
 def _stamp(inputs: Sequence[Path], evaluation: _Evaluation, extra: Any = None) -> dict[str, Any]:

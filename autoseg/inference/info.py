@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoseg.dataset.contract import LabelDef
+from autoseg.io.readers import file_ending
 from autoseg.serialization import load_contract, save_contract
 
 if TYPE_CHECKING:
@@ -40,3 +41,9 @@ def write_prediction_info(folder: Path, info: PredictionInfo) -> None:
 def read_prediction_info(folder: Path) -> PredictionInfo:
     return load_contract(Path(folder) / INFO_FILE, PredictionInfo,
                          rerun="autoseg predict (the prediction folder was written by another version)")
+
+
+def probabilities_file(target: Path) -> Path:
+    """Where the probabilities of the label file `target` go: CASE.npz beside CASE<ending>."""
+    ending = file_ending(target)
+    return target.with_name(target.name[: len(target.name) - len(ending)] + ".npz")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import AutosegError, ImageReadError, SettingsError
-from autoseg.inference.info import PredictionInfo, write_prediction_info
+from autoseg.inference.info import PredictionInfo, probabilities_file, write_prediction_info
 from autoseg.inference.predictor import Prediction, Predictor
 from autoseg.io.geometry import Geometry
 from autoseg.io.readers import SUPPORTED_ENDINGS, file_ending, read_images, read_label, write_label
@@ -122,7 +122,7 @@ def predict_folder(
             except AutosegError as err:
                 _fail(report, case.case_id, err)
                 continue
-            pending.append((case.case_id, writer.submit(_export, prediction, target, save_probabilities)))
+            pending.append((case.case_id, writer.submit(write_prediction, prediction, target, save_probabilities)))
             pending = _drain(pending, report, keep=MAX_PENDING_WRITES)
         _drain(pending, report, keep=0)
     return report
@@ -178,16 +178,11 @@ def _check_previous_stage(predictor: Predictor, previous_stage: Path | None) -> 
                             hint="pass the folder the previous stage's `autoseg predict -o` wrote")
 
 
-def _export(prediction: Prediction, target: Path, save_probabilities: bool) -> None:
+def write_prediction(prediction: Prediction, target: Path, save_probabilities: bool) -> None:
+    """The label map as `target` (the input's geometry) and, if asked, its probabilities beside it."""
     if save_probabilities and prediction.probabilities is not None:
         save_probabilities_file(probabilities_file(target), prediction.probabilities)
     write_label(prediction.labels, prediction.geometry, target)
-
-
-def probabilities_file(target: Path) -> Path:
-    """Where the probabilities of the label file `target` go: CASE.npz beside CASE<ending>."""
-    ending = file_ending(target)
-    return target.with_name(target.name[: len(target.name) - len(ending)] + ".npz")
 
 
 def save_probabilities_file(path: Path, probabilities: np.ndarray) -> None:

@@ -17,8 +17,7 @@ import numpy as np
 from autoseg.errors import SettingsError
 from autoseg.inference.info import PredictionInfo, write_prediction_info
 from autoseg.inference.predictor import PredictOptions, Predictor
-from autoseg.inference.run import probabilities_file, save_probabilities_file
-from autoseg.io.readers import write_label
+from autoseg.inference.run import write_prediction
 from autoseg.log import get_logger, progress
 from autoseg.model_folder import ModelFolder
 from autoseg.preprocessing.cache import read_case
@@ -42,9 +41,7 @@ def predict_validation(
         previous = None if previous_dir is None else _read_previous(previous_dir, case_id)
         prediction = predictor.predict_preprocessed(np.asarray(data), properties, previous=previous,
                                                     with_probabilities=save_probabilities)
-        if save_probabilities and prediction.probabilities is not None:
-            save_probabilities_file(probabilities_file(target), prediction.probabilities)
-        write_label(prediction.labels, prediction.geometry, target)
+        write_prediction(prediction, target, save_probabilities)
     log.info("validation predictions of fold %s written to %s", fold, output)
     return output
 
