@@ -33,7 +33,7 @@ from autoseg.model_folder import (
     previous_stage,
 )
 from autoseg.planning.contract import Configuration, Plans
-from autoseg.preprocessing.case import preprocess_arrays
+from autoseg.preprocessing.case import case_properties, preprocess_arrays
 from autoseg.preprocessing.contract import CaseProperties
 from autoseg.preprocessing.previous import one_hot, to_preprocessed_grid
 from autoseg.runtime.device import amp_dtype, keep_freed_memory, pick_device
@@ -144,12 +144,7 @@ class Predictor:
         self._check_dimension(geometry)
         self._check_previous(previous)
         prepared = preprocess_arrays(images, None, geometry, plans=self.plans, config=self.config)
-        properties = CaseProperties(
-            case_id="", geometry=geometry,
-            shape_before_crop=tuple(images.shape[1 + a] for a in self.plans.transpose_forward),
-            crop_box=prepared.box, spacing_before_resample=prepared.spacing_before_resample,
-            shape_after_crop=prepared.shape_after_crop, spacing=prepared.spacing, shape=tuple(prepared.seg.shape),
-            classes=(), source_hash="")
+        properties = case_properties("", images.shape, geometry, prepared, plans=self.plans)
         if self.previous is not None and previous is not None:
             previous = to_preprocessed_grid(previous, properties, plans=self.plans, config=self.config)
         return self.predict_preprocessed(prepared.data, properties, previous=previous,

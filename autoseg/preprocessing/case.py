@@ -13,6 +13,7 @@ import numpy as np
 
 from autoseg.io.geometry import Geometry
 from autoseg.planning.contract import Configuration, Plans
+from autoseg.preprocessing.contract import CaseProperties
 from autoseg.preprocessing.crop import OUTSIDE, crop_to_nonzero
 from autoseg.preprocessing.normalize import normalize
 from autoseg.preprocessing.resample import compute_new_shape, resample_image, resample_label, separate_axis
@@ -74,6 +75,18 @@ def preprocess_arrays(
     locations = sample_locations(seg, classes, seed=LOCATION_SEED) if label is not None and classes else {}
     return PreprocessedCase(data=data, seg=seg, box=box, spacing_before_resample=spacing,
                             shape_after_crop=tuple(cropped.shape[1:]), spacing=target, locations=locations)
+
+
+def case_properties(case_id: str, images_shape: tuple[int, ...], geometry: Geometry, prepared: PreprocessedCase,
+                    *, plans: Plans, source_hash: str = "") -> CaseProperties:
+    """What preprocessing did to a case of `images_shape` (c, z, y, x), so that it can be undone."""
+    return CaseProperties(
+        case_id=case_id, geometry=geometry,
+        shape_before_crop=tuple(images_shape[1 + a] for a in plans.transpose_forward),
+        crop_box=prepared.box, spacing_before_resample=prepared.spacing_before_resample,
+        shape_after_crop=prepared.shape_after_crop, spacing=prepared.spacing, shape=tuple(prepared.seg.shape),
+        classes=tuple(key for key, coords in prepared.locations.items() if len(coords)), source_hash=source_hash,
+    )
 
 
 def sample_locations(

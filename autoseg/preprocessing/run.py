@@ -14,8 +14,7 @@ from autoseg.io import read_images, read_label
 from autoseg.log import get_logger, progress
 from autoseg.planning.contract import Configuration, Plans
 from autoseg.preprocessing.cache import is_done, write_case
-from autoseg.preprocessing.case import preprocess_arrays
-from autoseg.preprocessing.contract import CaseProperties
+from autoseg.preprocessing.case import case_properties, preprocess_arrays
 from autoseg.serialization import to_jsonable
 
 log = get_logger("preprocessing")
@@ -58,14 +57,8 @@ def process_case(job: CaseJob) -> str:
     label = read_label(job.case.label)[0] if job.case.label else None
     result = preprocess_arrays(images, label, geometry, plans=job.plans, config=job.config,
                                classes=job.classes)
-    properties = CaseProperties(
-        case_id=job.case.case_id, geometry=geometry,
-        shape_before_crop=tuple(images.shape[1 + a] for a in job.plans.transpose_forward),
-        crop_box=result.box, spacing_before_resample=result.spacing_before_resample,
-        shape_after_crop=result.shape_after_crop, spacing=result.spacing, shape=tuple(result.seg.shape),
-        classes=tuple(key for key, coords in result.locations.items() if len(coords)),
-        source_hash=job.source_hash,
-    )
+    properties = case_properties(job.case.case_id, images.shape, geometry, result, plans=job.plans,
+                                 source_hash=job.source_hash)
     write_case(job.folder, properties, data=result.data, seg=result.seg, locations=result.locations)
     return job.case.case_id
 
