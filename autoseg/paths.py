@@ -24,12 +24,16 @@ _VARIABLES = {
 _notified: set[str] = set()
 
 
+def root_variable(kind: str) -> str | None:
+    """The environment variable that sets `kind`'s root folder; None when the default is used."""
+    return next((variable for variable in _VARIABLES[kind] if os.environ.get(variable)), None)
+
+
 def data_root(kind: str) -> Path:
     """The root folder for `kind` ('raw', 'preprocessed' or 'results')."""
-    for variable in _VARIABLES[kind]:
-        value = os.environ.get(variable)
-        if value:
-            return Path(value.strip().strip('"').strip("'")).expanduser()
+    variable = root_variable(kind)
+    if variable is not None:
+        return Path(os.environ[variable].strip().strip('"').strip("'")).expanduser()
     default = Path.cwd() / "autoseg_data" / kind
     if kind not in _notified:
         _notified.add(kind)

@@ -333,7 +333,15 @@ def test_allotted_cpus_reads_cgroup_v1(tmp_path: Path) -> None:
     (folder / "cpu.cfs_quota_us").write_text("-1")  # unlimited
     assert allotted_cpus(affinity=64, cgroup_root=tmp_path, self_cgroup=v1, environ={}) == 64
     assert allotted_cpus() >= 1
-    assert [default_workers(n) for n in (1, 2, 3, 8, 100)] == [1, 2, 2, 7, 32]
+    assert [default_workers(n, ranks=1) for n in (1, 2, 3, 8, 100)] == [1, 2, 2, 7, 32]
+    assert [default_workers(n, ranks=4) for n in (2, 8, 32, 200)] == [1, 2, 7, 32]  # CPUs shared by GPU ranks
+
+
+def test_default_workers_share_the_cpus_among_torchrun_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_workers(8) == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert default_workers(8) == 7
 
 
 # ---------------------------------------------------------------- workers
@@ -379,6 +387,22 @@ def test_killed_worker_gives_a_clear_error_quickly(cache: dict) -> None:
     assert "out-of-memory" in info.value.hint and "--workers" in info.value.hint
     time.sleep(0.2)
     assert not any(_alive(pid) for pid in pids)  # the other worker was stopped too
+
+
+def test_workers_outlive_a_schedulers_stop_signal_and_still_close(cache: dict) -> None:
+    folder, ids, config = cache["3d_fullres"]
+    loader = make_loader(folder, ids, config, workers=2)
+    next(loader)
+    pids = loader.worker_pids
+    for pid in pids:  # SLURM signals every process of the job; the main one finishes its epoch first
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGUSR1)
+    for _ in range(6):
+        next(loader)
+    assert all(_alive(pid) for pid in pids)
+    loader.close()
+    time.sleep(0.2)
+    assert not any(_alive(pid) for pid in pids)
 
 
 def test_transform_raising_in_a_worker_is_reported(cache: dict, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ run can continue at `start=i`. numpy only; the trainer converts to torch.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from autoseg.errors import SettingsError
 from autoseg.log import get_logger
 from autoseg.planning.contract import Configuration
 from autoseg.preprocessing.previous import one_hot
+from autoseg.runtime.cpus import allotted_cpus, default_workers
 from autoseg.training.augment import (
     Augmentation,
     batch_transforms,
@@ -39,7 +41,7 @@ from autoseg.training.augment import (
     sample_points,
 )
 from autoseg.training.sampling import CaseCache, PatchBox, choose_boxes, read_box
-from autoseg.training.workers import WorkerPool, allotted_cpus, default_workers
+from autoseg.training.workers import WorkerPool
 
 log = get_logger("training")
 
@@ -189,5 +191,6 @@ def make_loader(
     if workers is None:
         cpus = allotted_cpus()
         workers = default_workers(cpus)
-        log.info("loader: %d workers for %d allotted CPUs (set --workers to change)", workers, cpus)
+        log.info("loader: %d workers for %d allotted CPUs%s (set --workers to change)", workers, cpus,
+                 f", shared by {os.environ['LOCAL_WORLD_SIZE']} processes" if "LOCAL_WORLD_SIZE" in os.environ else "")
     return TrainingLoader(source, workers=workers, start=start, prefetch=prefetch)
