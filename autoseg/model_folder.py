@@ -2,7 +2,7 @@
 
     <results>/<dataset>/<configuration>__<plans name>/
         plans.json  dataset.json  training.json  splits.json
-        fold_<k>/checkpoint_{final,best,latest}.pt  metrics.jsonl  progress.png  training.log
+        fold_<k>/checkpoint_{final,best,latest}.pt  training.json  metrics.jsonl  progress.png  training.log
         fold_<k>/validation/CASE<ending>  CASE.npz  prediction.json  summary.json
 
 A cascade stage (plans' Configuration.previous_stage set) takes the previous stage's segmentation as
@@ -52,6 +52,10 @@ class ModelFolder:
     @property
     def settings_file(self) -> Path:
         return self.root / "training.json"
+
+    def fold_settings_file(self, fold: int | str) -> Path:
+        """The settings this fold was (last) trained with; training.json beside plans.json is the latest run's."""
+        return self.fold_dir(fold) / "training.json"
 
     def fold_dir(self, fold: int | str) -> Path:
         return self.root / f"fold_{fold}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,10 @@ from autoseg.paths import DatasetLocation
 from autoseg.planning import plan
 from autoseg.preprocessing.run import preprocess_dataset
 from autoseg.runtime.distributed import RuntimeContext
+from autoseg.serialization import save_contract
 from autoseg.training import loop as loop_module
-from autoseg.training.job import fold_run
-from autoseg.training.loop import train_fold
+from autoseg.training.job import fold_run, resolve_settings
+from autoseg.training.loop import TrainingStopped, train_fold
 from autoseg.training.progress import read_metrics
 from autoseg.training.settings import TrainingSettings
 
@@ -74,10 +76,21 @@ def test_training_lowers_the_loss_and_writes_records(prepared, tmp_path: Path) -
     assert (run.folder.fold_dir(0) / "progress.png").stat().st_size > 1000
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(prepared, tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def straight(prepared, tmp_path_factory: pytest.TempPathFactory):
+    """SMALL trained without interruption: what every interrupted-then-resumed run must end with."""
+    run = _run(prepared, tmp_path_factory.mktemp("straight"))
+    train_fold(run, SMALL, RuntimeContext(device=torch.device("cpu")))
+    return run
+
+
+def _assert_same_final_weights(expected, got) -> None:
+    for key, value in _weights(expected).items():
+        assert torch.equal(value, _weights(got)[key]), key
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(prepared, straight, tmp_path: Path, monkeypatch) -> None:
     context = RuntimeContext(device=torch.device("cpu"))
-    straight = _run(prepared, tmp_path / "straight")
-    train_fold(straight, SMALL, context)
     cut = _run(prepared, tmp_path / "cut")
     real_save = loop_module._record_and_save
 
@@ -92,10 +105,32 @@ def test_interrupted_and_resumed_equals_uninterrupted(prepared, tmp_path: Path, 
     monkeypatch.setattr(loop_module, "_record_and_save", real_save)
     assert load_checkpoint(cut.folder.checkpoint(0, "latest"))["epoch"] == 2
     train_fold(cut, SMALL, context, resume=True)
-    for key, value in _weights(straight).items():
-        assert torch.equal(value, _weights(cut)[key]), key
+    _assert_same_final_weights(straight, cut)
     epochs = [r["epoch"] for r in read_metrics(cut.folder.fold_dir(0) / "metrics.jsonl")]
     assert epochs == [0, 1, 2, 3]
+
+
+def test_a_stop_signal_finishes_the_epoch_saves_and_resumes_exactly(prepared, straight, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    context = RuntimeContext(device=torch.device("cpu"))
+    stopped = _run(prepared, tmp_path / "stopped")
+    real_validate = loop_module._validate
+
+    def signal_during_third_epoch(run, settings, context, objects, loader):
+        if len(read_metrics(run.folder.fold_dir(0) / "metrics.jsonl")) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM's --signal sends before the time limit
+        return real_validate(run, settings, context, objects, loader)
+
+    monkeypatch.setattr(loop_module, "_validate", signal_during_third_epoch)
+    previous_handler = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(TrainingStopped, match="SIGUSR1 after epoch 3/4") as err:
+        train_fold(stopped, SMALL, context)
+    assert signal.getsignal(signal.SIGUSR1) == previous_handler  # handlers restored
+    assert "--continue" in err.value.hint and err.value.path == str(stopped.folder.checkpoint(0, "latest"))
+    assert load_checkpoint(stopped.folder.checkpoint(0, "latest"))["epoch"] == 3  # the epoch was finished
+    monkeypatch.setattr(loop_module, "_validate", real_validate)
+    train_fold(stopped, SMALL, context, resume=True)
+    _assert_same_final_weights(straight, stopped)
 
 
 def test_continue_with_more_epochs_extends_a_finished_run(prepared, tmp_path: Path) -> None:
@@ -177,3 +212,14 @@ def test_two_d_configuration_trains_on_slices(example_dataset: Path, tmp_path: P
     assert train_fold(run, settings, RuntimeContext(device=torch.device("cpu"))).epoch == 1
     weights = _weights(run)
     assert all(w.ndim in (1, 4) for w in weights.values())  # 2D convolutions
+
+
+def test_resumed_settings_are_the_folds_own_and_resize_the_worker_pool(tmp_path: Path) -> None:
+    folder = ModelFolder(tmp_path / "3d_fullres__autoseg")
+    save_contract(folder.settings_file, TrainingSettings(epochs=7, workers=3))  # the latest run: fold 1's
+    save_contract(folder.fold_settings_file(0), TrainingSettings(epochs=5, seed=1, workers=16))
+    resumed = resolve_settings(folder, {"epochs": 9}, resume=True, fold=0)
+    assert (resumed.epochs, resumed.seed, resumed.workers) == (9, 1, None)  # fold 0's seed; workers sized afresh
+    assert resolve_settings(folder, {"workers": 2}, resume=True, fold=0).workers == 2
+    assert resolve_settings(folder, {}, resume=True, fold=2).epochs == 7  # no own file: the folder's (older runs)
+    assert resolve_settings(folder, {}, resume=False, fold=0) == TrainingSettings()

@@ -15,7 +15,7 @@ from autoseg.paths import DatasetLocation
 from autoseg.planning.contract import Plans
 from autoseg.runtime.device import configure_threads, keep_freed_memory, seed_all
 from autoseg.runtime.distributed import RuntimeContext, barrier, shutdown
-from autoseg.serialization import atomic_write, load_contract
+from autoseg.serialization import atomic_write, load_contract, save_contract
 from autoseg.training.cascade import previous_sources, store_previous
 from autoseg.training.loop import FoldRun, train_fold
 from autoseg.training.progress import attach_log_file, detach_log_file
@@ -26,11 +26,21 @@ from autoseg.training.splits import fold_cases, load_or_create_splits
 log = get_logger("training")
 
 
-def resolve_settings(folder: ModelFolder, overrides: dict[str, Any], *, resume: bool) -> TrainingSettings:
-    """Stored settings when resuming (so flags only change what they name), defaults otherwise."""
+def resolve_settings(folder: ModelFolder, overrides: dict[str, Any], *, resume: bool,
+                     fold: int | str | None = None) -> TrainingSettings:
+    """The fold's stored settings when resuming (so flags only change what they name), defaults otherwise.
+
+    Each fold keeps its own fold_k/training.json: folds of one configuration may be trained with
+    different flags, and one fold's flags must not leak into another. The worker count describes the
+    machine, not the run, so a resumed run sizes it afresh unless --workers is given again.
+    """
     base = TrainingSettings()
-    if resume and folder.settings_file.is_file():
-        base = load_contract(folder.settings_file, TrainingSettings, rerun="autoseg train (without --continue)")
+    stored = folder.fold_settings_file(fold) if fold is not None else folder.settings_file
+    if resume and not stored.is_file() and folder.settings_file.is_file():
+        stored = folder.settings_file  # a run from before per-fold settings
+    if resume and stored.is_file():
+        base = load_contract(stored, TrainingSettings, rerun="autoseg train (without --continue)")
+        base = replace(base, workers=None)
     unknown = set(overrides) - set(TrainingSettings.__dataclass_fields__)
     if unknown:
         raise SettingsError(f"unknown training setting(s): {sorted(unknown)}", hint="see `autoseg train --help`")
@@ -62,7 +72,7 @@ def train_one_fold(location: DatasetLocation, dataset: Dataset, plans: Plans, co
     run = fold_run(location, dataset, plans, configuration, fold)
     require_cache(run)
     sources = previous_sources(location, dataset, plans, run.previous.configuration) if run.previous else None
-    settings = resolve_settings(run.folder, overrides, resume=resume)
+    settings = resolve_settings(run.folder, overrides, resume=resume, fold=fold)
     context = RuntimeContext.from_env(device, amp=settings.amp)
     configure_threads(context.device)
     if context.device.type == "cpu":
@@ -79,6 +89,7 @@ def train_one_fold(location: DatasetLocation, dataset: Dataset, plans: Plans, co
         splits = location.preprocessed / "splits.json"
         atomic_write(run.folder.root / "splits.json", lambda tmp: shutil.copyfile(splits, tmp))
         run.folder.fold_dir(fold).mkdir(parents=True, exist_ok=True)
+        save_contract(run.folder.fold_settings_file(fold), settings)
         handler = attach_log_file(run.folder.fold_dir(fold) / "training.log")
     try:
         log.info("training %s fold %s on %s (%d training, %d validation cases, %d process(es))", configuration,

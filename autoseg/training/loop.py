@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from autoseg.errors import AutosegError
 from autoseg.log import get_logger, progress
 from autoseg.model_folder import ModelFolder, PreviousStage, load_checkpoint, save_checkpoint
 from autoseg.planning.contract import Configuration
 from autoseg.preprocessing.previous import previous_dir
 from autoseg.runtime.distributed import RuntimeContext, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
+from autoseg.runtime.signals import StopSignals
 from autoseg.training.augment import resolve as resolve_augmentation
 from autoseg.training.data import make_loader
 from autoseg.training.progress import append_metrics, keep_metrics_until, plot_progress, read_metrics
@@ -82,18 +84,45 @@ def train_fold(run: FoldRun, settings: TrainingSettings, context: RuntimeContext
         fold_dir.mkdir(parents=True, exist_ok=True)
         keep_metrics_until(fold_dir / "metrics.jsonl", state.epoch - 1)
     train_loader, val_loader = _loaders(run, settings, context, start_epoch=state.epoch)
-    try:
-        while state.epoch < settings.epochs:
-            record = _epoch(run, settings, context, objects, state, train_loader, val_loader)
-            state.epoch += 1
-            if context.is_main:
-                _record_and_save(run, settings, objects, state, record)
-    finally:
-        train_loader.close()
-        val_loader.close()
+    with StopSignals() as stop:
+        try:
+            while state.epoch < settings.epochs and not _stop_agreed(stop, context):
+                record = _epoch(run, settings, context, objects, state, train_loader, val_loader)
+                state.epoch += 1
+                if context.is_main:
+                    _record_and_save(run, settings, objects, state, record)
+        finally:
+            train_loader.close()
+            val_loader.close()
     objects.check_replicas_identical()
+    if state.epoch < settings.epochs:
+        _save_and_stop(run, settings, context, objects, state, stop.requested or "a stop signal")
     barrier(context)
     return state
+
+
+class TrainingStopped(AutosegError):
+    """Training was asked to stop (SIGTERM / SIGUSR1) and saved its last finished epoch."""
+
+
+def _stop_agreed(stop: StopSignals, context: RuntimeContext) -> bool:
+    """Whether any process was asked to stop: every rank must leave the loop after the same epoch."""
+    wanted = stop.requested is not None
+    if not context.distributed:
+        return wanted
+    flag = torch.tensor(float(wanted), device=context.device)
+    return bool(all_reduce_sum(flag, context).item() > 0)
+
+
+def _save_and_stop(run: FoldRun, settings: TrainingSettings, context: RuntimeContext, objects: Any,
+                   state: TrainingState, reason: str) -> None:
+    latest = run.folder.checkpoint(run.fold, "latest")
+    if context.is_main:
+        save_checkpoint(latest, _payload(run, objects, state, settings))
+    barrier(context)
+    raise TrainingStopped(f"stopped by {reason} after epoch {state.epoch}/{settings.epochs}; the checkpoint holds "
+                          "every finished epoch", path=latest,
+                          hint=f"continue with `autoseg train ... {run.fold} --continue`")
 
 
 def _loaders(run: FoldRun, settings: TrainingSettings, context: RuntimeContext, *, start_epoch: int):

@@ -10,7 +10,6 @@ within `poll_s` seconds and reported with its exit code or signal and a hint, ne
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import os
 import pickle
@@ -20,12 +19,12 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from autoseg.errors import AutosegError
 from autoseg.log import get_logger
+from autoseg.runtime.signals import STOP_SIGNALS
 
 log = get_logger("training")
 
@@ -41,85 +40,6 @@ _SIGNAL_HINTS = {
 
 class DataLoaderError(AutosegError):
     """A loader worker failed or died; the message says which, why, and what to try."""
-
-
-# ---------------------------------------------------------------- CPUs
-
-
-def allotted_cpus(
-    *, affinity: int | None = None, cgroup_root: str | Path = "/sys/fs/cgroup",
-    self_cgroup: str | None = None, environ: Mapping[str, str] | None = None,
-) -> int:
-    """CPUs this process may actually use: the minimum of its CPU affinity, its cgroup CPU quota
-    (v2 `cpu.max`, v1 `cpu.cfs_quota_us / cpu.cfs_period_us`, rounded up) and SLURM_CPUS_PER_TASK.
-
-    A container or batch job often sees every core of the host but may use only a few; sizing the
-    worker pool from os.cpu_count() then oversubscribes and starves the GPU. Every source can be
-    faked: `affinity` (count), `cgroup_root` (folder), `self_cgroup` (the text of /proc/self/cgroup)
-    and `environ`.
-    """
-    environ = os.environ if environ is None else environ
-    if affinity is None:
-        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if self_cgroup is None:
-        self_cgroup = _read_text(Path("/proc/self/cgroup")) or ""
-    limits = [affinity]
-    quota = _cgroup_quota(Path(cgroup_root), self_cgroup)
-    if quota is not None:
-        limits.append(math.ceil(quota))
-    slurm = environ.get("SLURM_CPUS_PER_TASK", "").strip()
-    if slurm.isdigit() and int(slurm) > 0:
-        limits.append(int(slurm))
-    return max(1, min(limits))
-
-
-def default_workers(cpus: int | None = None) -> int:
-    """Worker processes for `cpus` allotted CPUs (measured when None): all of them up to 2, else one
-    fewer, leaving a CPU to the main process that feeds the GPU; at most 32."""
-    cpus = allotted_cpus() if cpus is None else cpus
-    return max(1, min(32, cpus if cpus <= 2 else cpus - 1))
-
-
-def _cgroup_quota(root: Path, self_cgroup: str) -> float | None:
-    """The tightest CPU quota (in CPUs) over this process's cgroup and its ancestors, None if unlimited."""
-    quotas = []
-    for hierarchy, controllers, path in _cgroup_lines(self_cgroup):
-        if hierarchy == "0" and not controllers:  # v2
-            for folder in _ancestors(root, path):
-                parts = (_read_text(folder / "cpu.max") or "").split()
-                if len(parts) == 2 and parts[0] != "max":
-                    quotas.append(int(parts[0]) / int(parts[1]))
-        elif "cpu" in controllers.split(","):  # v1
-            for folder in _ancestors(root / controllers, path):
-                quota, period = _read_text(folder / "cpu.cfs_quota_us"), _read_text(folder / "cpu.cfs_period_us")
-                if quota and period and int(quota) > 0 and int(period) > 0:
-                    quotas.append(int(quota) / int(period))
-    for top in (root / "cpu.max",):  # a container's own root, also when /proc/self/cgroup is unhelpful
-        parts = (_read_text(top) or "").split()
-        if len(parts) == 2 and parts[0] != "max":
-            quotas.append(int(parts[0]) / int(parts[1]))
-    return min(quotas) if quotas else None
-
-
-def _cgroup_lines(text: str) -> list[tuple[str, str, str]]:
-    lines = []
-    for line in text.splitlines():
-        parts = line.strip().split(":", 2)
-        if len(parts) == 3:
-            lines.append((parts[0], parts[1], parts[2]))
-    return lines
-
-
-def _ancestors(root: Path, path: str) -> list[Path]:
-    parts = [p for p in path.strip("/").split("/") if p]
-    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
-
-
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------- the pool
@@ -249,7 +169,7 @@ def _shutdown(stop: Any, procs: list[Any], readers: list[Any]) -> None:
     for proc in procs:
         proc.join(timeout=max(0.0, deadline - time.monotonic()))
         if proc.is_alive():
-            proc.terminate()
+            proc.kill()  # workers ignore SIGTERM
             proc.join(timeout=1.0)
 
 
@@ -260,6 +180,8 @@ def _worker_main(produce: Callable[[int], Any], worker: int, workers: int, start
                  stop: Any, parent: int, prefetch: int) -> None:
     """Make batches worker, worker + workers, ... (offset by start) until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    for number in STOP_SIGNALS:  # a scheduler signals every process; the main one finishes its epoch first
+        signal.signal(number, signal.SIG_IGN)  # workers end when told to stop or when orphaned
     _single_threaded_libraries()
     outbox: queue.Queue[bytes | None] = queue.Queue(maxsize=max(1, prefetch))
     sender = threading.Thread(target=_send_loop, args=(outbox, writer), daemon=True)
