@@ -16,11 +16,13 @@ from autoseg.fingerprint.contract import Fingerprint
 from autoseg.log import get_logger, is_main_rank
 from autoseg.paths import DatasetLocation, data_root, resolve_dataset
 from autoseg.planning.contract import Plans
-from autoseg.serialization import load_contract, save_contract
+from autoseg.serialization import atomic_write, load_contract, save_contract
 
 if TYPE_CHECKING:
     from autoseg.evaluation import BestChoice, EvaluationSummary
     from autoseg.inference import PredictOptions, PredictReport
+    from autoseg.sharing import ArchiveManifest, InstalledModel
+    from autoseg.sharing.onnx_export import OnnxExport
 
 log = get_logger("api")
 
@@ -87,7 +89,8 @@ def plan(
     fp = _fingerprint(location, parsed, workers=workers, force=force, spec=dataset)
     result = make_plans(fp, parsed, memory_budget_gb=memory_budget_gb)
     save_contract(plans_path(location), result)
-    shutil.copyfile(Path(parsed.root) / "dataset.json", location.preprocessed / "dataset.json")
+    atomic_write(location.preprocessed / "dataset.json",
+                 lambda tmp: shutil.copyfile(Path(parsed.root) / "dataset.json", tmp))
     log.info("wrote %s", plans_path(location))
     return result
 
@@ -158,6 +161,15 @@ def model_folder(dataset: str | Path, configuration: str, plans_name: str = "aut
     return _results_folder(dataset) / f"{configuration}__{plans_name}"
 
 
+def _chosen_model(model: str | Path | None, dataset: str | Path | None, configuration: str, plans_name: str) -> Path:
+    """The model folder given by -m, or by -d/-c under AUTOSEG_RESULTS."""
+    if model is not None:
+        return Path(model)
+    if dataset is None:
+        raise SettingsError("say which model to use", hint="pass -d DATASET -c CONFIGURATION, or -m MODEL_FOLDER")
+    return model_folder(dataset, configuration, plans_name)
+
+
 def _results_folder(dataset: str | Path) -> Path:
     """The dataset's results folder, also on a machine that has the trained models but not the raw data."""
     try:
@@ -183,13 +195,13 @@ def predict(
     it, the previous stage's model folder beside this one predicts them first, into
     OUTPUT/.previous_<stage>/ (with the same options), and a case it could not predict fails here too.
     """
+    if model is not None and Path(model).suffix.lower() == ".zip" and Path(model).is_file():
+        return _predict_with_archive(Path(model), source, output, configuration=configuration, options=options,
+                                     overwrite=overwrite, save_probabilities=save_probabilities, prev_stage=prev_stage)
     from autoseg.inference import Predictor, predict_folder
 
-    if model is None:
-        if dataset is None:
-            raise SettingsError("say which model to use", hint="pass -d DATASET -c CONFIGURATION, or -m MODEL_FOLDER")
-        model = model_folder(dataset, configuration, plans_name)
-    predictor = Predictor.from_folder(Path(model), options)
+    model = _chosen_model(model, dataset, configuration, plans_name)
+    predictor = Predictor.from_folder(model, options)
     first_stage = None
     if predictor.previous is not None and prev_stage is None:
         stage = predictor.previous.configuration
@@ -208,6 +220,56 @@ def predict(
     if first_stage is not None:  # the first stage's own reason is the useful one
         report.failed.update({case: f"{stage}: {message}" for case, message in first_stage.failed.items()})
     return report
+
+
+def _predict_with_archive(archive: Path, source: str | Path, output: str | Path, *, configuration: str,
+                          options: PredictOptions | None, **kwargs: Any) -> PredictReport:
+    """`predict -m model.zip`: unpack the archive (checked) into a temporary folder and predict from there."""
+    import dataclasses
+    import tempfile
+
+    from autoseg.inference import PredictOptions
+    from autoseg.sharing import install_model, read_manifest
+
+    manifest = read_manifest(archive)
+    if len(manifest.models) == 1:
+        configuration = manifest.models[0].folder
+    options = options or PredictOptions()
+    if options.checkpoint != manifest.checkpoint:
+        log.info("the archive holds checkpoint_%s.pt: predicting with it", manifest.checkpoint)
+        options = dataclasses.replace(options, checkpoint=manifest.checkpoint)
+    with tempfile.TemporaryDirectory(prefix="autoseg-model-") as unpacked:
+        installed = install_model(archive, Path(unpacked))
+        return predict(source, output, model=installed.model_folder(configuration), options=options, **kwargs)
+
+
+def export_model(dataset: str | Path, output: str | Path, *, configurations: list[str],
+                 folds: list[str] | None = None, checkpoint: str = "final", plans_name: str = "autoseg",
+                 ) -> ArchiveManifest:
+    """Pack trained models of `dataset` into a zip that `install_model` and `predict(model=zip)` read."""
+    from autoseg.sharing import export_model as export
+
+    return export(_results_folder(dataset), Path(output), configurations=configurations, folds=folds,
+                  checkpoint=checkpoint, plans_name=plans_name)
+
+
+def install_model(archive: str | Path, *, results: str | Path | None = None, overwrite: bool = False
+                  ) -> InstalledModel:
+    """Unpack a model archive into `results` (default AUTOSEG_RESULTS), checking every entry first."""
+    from autoseg.sharing import install_model as install
+
+    return install(Path(archive), Path(results) if results is not None else data_root("results"),
+                   overwrite=overwrite)
+
+
+def export_onnx(output: str | Path, *, dataset: str | Path | None = None, configuration: str = "3d_fullres",
+                model: str | Path | None = None, fold: str = "0", checkpoint: str = "final",
+                plans_name: str = "autoseg", opset: int | None = None, check: bool = True) -> OnnxExport:
+    """Export one fold's network (of `model`, or of `configuration` of `dataset`) to ONNX plus a JSON sidecar."""
+    from autoseg.sharing.onnx_export import export_onnx as export
+
+    model = _chosen_model(model, dataset, configuration, plans_name)
+    return export(model, Path(output), fold=fold, checkpoint=checkpoint, opset=opset, check=check)
 
 
 def evaluate(

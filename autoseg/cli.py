@@ -249,7 +249,8 @@ def train_command(
         _console().print(evaluation_table(load_summary(summary_file)))
 
 
-from autoseg import cli_inference  # noqa: E402,F401  (registers predict, evaluate, ... on `app`)
+# registers predict, evaluate, ... and export-model, install-model, env on `app`
+from autoseg import cli_inference, cli_sharing  # noqa: E402,F401,I001
 
 
 def main() -> None:

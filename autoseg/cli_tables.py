@@ -10,6 +10,7 @@ from rich.table import Table
 from autoseg.evaluation.contract import EvaluationSummary
 from autoseg.fingerprint.contract import Fingerprint
 from autoseg.planning.contract import Plans
+from autoseg.runtime.report import EnvironmentReport
 
 
 def _fmt(value: Any) -> str:
@@ -66,4 +67,30 @@ def evaluation_table(summary: EvaluationSummary) -> Table:
         table.add_column(column, justify="left" if column == header[0] else "right")
     for row in rows:
         table.add_row(*row)
+    return table
+
+
+def environment_table(report: EnvironmentReport) -> Table:
+    """`autoseg env`: one row per fact a bug report needs."""
+    table = Table(title="autoseg environment", title_justify="left", show_header=False)
+    table.add_column("")
+    table.add_column("")
+    table.add_row("autoseg", report.autoseg)
+    table.add_row("python", f"{report.python} on {report.platform}")
+    for name, version in report.packages.items():
+        table.add_row(name, version or "[dim]not installed[/]")
+    table.add_row("torch CUDA build", report.torch_cuda or "none (CPU build)")
+    table.add_row("cuDNN", str(report.cudnn) if report.cudnn else "-")
+    for gpu in report.gpus:
+        table.add_row(f"GPU {gpu.index}", f"{gpu.name}, {gpu.memory_gib:g} GiB, compute {gpu.capability}"
+                                          f"{', bf16' if gpu.bf16 else ''}")
+    if not report.gpus:
+        table.add_row("GPU", "none visible" + (" (Apple MPS available)" if report.mps else ""))
+    table.add_row("CPUs", f"{report.cpus_allotted} allotted to this job (host has {report.cpus_host})")
+    for setting in report.paths:
+        source = f"from {setting.variable}" if setting.variable else "default: variable not set"
+        missing = "" if setting.exists else ", [yellow]missing[/]"
+        table.add_row(f"{setting.kind} root", f"{setting.path} ({source}{missing})")
+    for name, value in report.job.items():
+        table.add_row(name, value)
     return table

@@ -10,38 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_builders import make_model_folder
 
-from autoseg.dataset.load import load_dataset
-from autoseg.fingerprint import extract_fingerprint
 from autoseg.inference import PredictOptions, Predictor, find_input_cases, predict_folder, read_prediction_info
 from autoseg.inference.export import LabelSemantics, probabilities_to_labels, restore_prediction
 from autoseg.io.geometry import Geometry
 from autoseg.io.readers import read_header, read_images, read_label, write_image
-from autoseg.model.build import build_network
-from autoseg.model_folder import CheckpointError, ModelFolder, save_checkpoint
-from autoseg.planning import plan
+from autoseg.model_folder import CheckpointError, ModelFolder
 from autoseg.preprocessing.case import preprocess_arrays
 from autoseg.preprocessing.contract import CaseProperties
-from autoseg.training.settings import TrainingSettings
-
-
-def make_model_folder(root: Path, example_dataset: Path, configuration: str = "3d_fullres", *,
-                      folds: tuple[int, ...] = (0,), seed: int = 0) -> ModelFolder:
-    """A model folder with untrained (random) small networks: enough to test every path but accuracy."""
-    dataset = load_dataset(example_dataset)
-    plans = plan(extract_fingerprint(dataset), dataset)
-    config = plans.configurations[configuration]
-    features = (4, 8, 8, 8, 8, 8, 8)[: config.topology.n_stages]
-    small = dataclasses.replace(config, topology=dataclasses.replace(config.topology, features_per_stage=features))
-    plans = dataclasses.replace(plans, configurations={configuration: small})
-    folder = ModelFolder.for_run(root, configuration, plans.plans_name)
-    folder.write_metadata(plans, dataset_json=example_dataset / "dataset.json", settings=TrainingSettings())
-    for fold in folds:
-        torch.manual_seed(seed + fold)
-        network = build_network(small.topology, in_channels=1, num_classes=plans.num_classes)
-        save_checkpoint(folder.checkpoint(fold, "final"), {"network": network.state_dict(), "epoch": 1,
-                                                           "mirror_axes": list(range(small.dim))})
-    return folder
 
 
 @pytest.fixture(scope="module")

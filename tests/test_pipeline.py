@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from autoseg.cli import app
+from autoseg.io.readers import read_label
 
 runner = CliRunner()
 
@@ -36,6 +38,13 @@ def test_short_training_segments_held_out_scans(roots: Path) -> None:
     summary = json.loads((roots / "pred" / "summary.json").read_text())
     assert summary["mean"]["organ"]["dice"] > 0.5, evaluated
     assert len(summary["cases"]) == 2 and "organ" in evaluated
+    assert (validation.parent / "training.json").is_file()  # the fold's own settings, for --continue
+    # the trained model travels as a zip and predicts the same labels elsewhere
+    _ok(["export-model", "900", "-c", "3d_fullres", "-o", str(roots / "model.zip")])
+    _ok(["predict", "-i", str(raw / "imagesTs"), "-o", str(roots / "pred_zip"), "-m", str(roots / "model.zip"),
+         "--no-tta"])
+    for path in sorted((roots / "pred").glob("*.nii.gz")):
+        assert np.array_equal(read_label(path)[0], read_label(roots / "pred_zip" / path.name)[0]), path.name
 
 
 def test_find_best_without_trained_models_is_a_clear_error(roots: Path) -> None:

@@ -83,7 +83,7 @@ class Predictor:
         options = options or PredictOptions()
         model = ModelFolder(Path(folder))
         plans = model.load_plans()
-        config = plans.configurations[_configuration_name(model, plans)]
+        config = plans.configurations[configuration_name(model, plans)]
         dataset = read_dataset_json(model.dataset_file)
         folds = options.folds or _available_folds(model, options.checkpoint)
         device = pick_device(options.device)
@@ -91,7 +91,7 @@ class Predictor:
             keep_freed_memory()
         networks, mirror_axes = [], None
         for fold in folds:
-            network, axes = _load_network(model, fold, options.checkpoint, plans, config, dataset)
+            network, axes = load_fold_network(model, fold, options.checkpoint, plans, config, dataset)
             networks.append(network.to(device))
             mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in axes)
         tiles = options.tiles_per_batch or (1 if device.type == "cpu" else config.batch_size)
@@ -189,7 +189,7 @@ class Predictor:
                             with_probabilities=with_probabilities)
 
 
-def _configuration_name(model: ModelFolder, plans: Plans) -> str:
+def configuration_name(model: ModelFolder, plans: Plans) -> str:
     name = model.root.name.split("__")[0]
     if name not in plans.configurations:
         raise CheckpointError(f"the folder name does not start with a configuration of its plan ({name!r})",
@@ -206,7 +206,7 @@ def _available_folds(model: ModelFolder, checkpoint: str) -> tuple[str, ...]:
     return folds
 
 
-def _load_network(model: ModelFolder, fold: str, checkpoint: str, plans: Plans, config: Configuration,
+def load_fold_network(model: ModelFolder, fold: str, checkpoint: str, plans: Plans, config: Configuration,
                   dataset: Dataset) -> tuple[nn.Module, tuple[int, ...]]:
     from autoseg.model.build import build_network
 
