@@ -104,11 +104,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; plans and models are shared in a lab group
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask sets it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -143,6 +157,10 @@ def load_contract(path: str | Path, cls: type[T], *, rerun: str) -> T:
     data = read_json(path)
     expected = next(f.default for f in dataclasses.fields(cls) if f.name == "format")  # type: ignore[arg-type]
     found = data.get("format") if isinstance(data, dict) else None
+    if found is None and isinstance(data, dict) and "original_median_spacing_after_transp" in data:
+        raise FormatVersionError(f"this looks like an nnU-Net file, not an autoseg {cls.__name__} file", path=path,
+                                 hint="autoseg cannot load nnU-Net's plans or models; plan and train with autoseg "
+                                      "(it reads the same raw dataset), see docs/migrating.md")
     if found != expected:
         raise FormatVersionError(
             f"{cls.__name__} file has format {found!r}, this autoseg reads format {expected}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +102,23 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path: Path) -> None:
         atomic_write(path, failing)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_atomic_writes_follow_the_umask_like_any_new_file(tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "plans.json", lambda tmp: tmp.write_text("{}"))
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "plans.json").stat().st_mode & 0o777
+    assert mode == 0o640 == (tmp_path / "plain.txt").stat().st_mode & 0o777  # group may read, not only the owner
+
+
+def test_an_nnunet_plans_file_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps({"dataset_name": "Dataset004_Hippocampus", "plans_name": "nnUNetPlans",
+                                "original_median_spacing_after_transp": [1, 1, 1], "configurations": {}}))
+    with pytest.raises(FormatVersionError, match="nnU-Net file") as err:
+        load_contract(path, Outer, rerun="autoseg plan")
+    assert "migrating" in err.value.hint

@@ -158,9 +158,9 @@ def hausdorff95(
 ) -> float:
     """Symmetric 95th-percentile Hausdorff distance in mm.
 
-    "union" (default): the percentile of both directed distance sets pooled together (medpy's
-    hd95). "max": the larger of the two directed percentiles (MONAI `directed=False`, DeepMind
-    `compute_robust_hausdorff`). Percentiles interpolate linearly (numpy's default).
+    "max" (default): the larger of the two directed percentiles (MONAI `directed=False`, DeepMind
+    `compute_robust_hausdorff`). "union": the percentile of both directed distance sets pooled
+    together (medpy's hd95). Percentiles interpolate linearly (numpy's default).
     Both empty: NaN; exactly one empty: `image_diagonal_mm`.
     """
     return surface_scores(pred, ref, spacing, percentile=percentile, combine=combine, crop=crop).hd95
