@@ -14,6 +14,7 @@ from autoseg.dataset.contract import Dataset, LabelDef, Problem
 from autoseg.errors import DatasetError, PlanError, SettingsError
 from autoseg.fingerprint.contract import Fingerprint
 from autoseg.log import get_logger, is_main_rank
+from autoseg.model_folder import ModelFolder
 from autoseg.paths import DatasetLocation, data_root, resolve_dataset
 from autoseg.planning.contract import Plans
 from autoseg.serialization import atomic_write, load_contract, save_contract
@@ -132,8 +133,18 @@ def train(
     folder = train_one_fold(location, load(location.raw), load_plans(location.raw), configuration, fold,
                             overrides=overrides or {}, device=device, resume=resume)
     if validate and is_main_rank():
-        validate_fold(dataset, configuration, fold, device=device)
+        if resume and _validation_is_current(ModelFolder(folder), fold):
+            log.info("fold %s: validation/summary.json is newer than checkpoint_final.pt, not validating again "
+                     "(delete it to redo)", fold)
+        else:
+            validate_fold(dataset, configuration, fold, device=device)
     return folder
+
+
+def _validation_is_current(folder: ModelFolder, fold: int | str) -> bool:
+    """A resubmitted finished fold (SLURM arrays resubmit all tasks) need not predict its validation again."""
+    summary, final = folder.validation_dir(fold) / "summary.json", folder.checkpoint(fold, "final")
+    return summary.is_file() and final.is_file() and summary.stat().st_mtime >= final.stat().st_mtime
 
 
 def validate_fold(dataset: str | Path, configuration: str, fold: int | str, *, device: str = "auto",

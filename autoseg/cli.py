@@ -172,14 +172,14 @@ def plan_command(
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
 
 
-@app.command("preprocess")
+@app.command("preprocess", context_settings={"allow_extra_args": True})
 @guarded
 def preprocess_command(
     ctx: typer.Context,
     dataset: DatasetArg,
     configurations: Annotated[list[str] | None, typer.Option(
-        "--configuration", "-c", help="Configuration to preprocess; repeat for several. Default 3d_fullres "
-        "(2d for 2D data).")] = None,
+        "--configuration", "-c", help="Configuration(s) to preprocess: -c 2d 3d_fullres (or -c 2d -c 3d_fullres). "
+        "Default 3d_fullres (2d for 2D data).")] = None,
     workers: WorkersOpt = 2,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished cases too.")] = False,
 ) -> None:
@@ -191,7 +191,8 @@ def preprocess_command(
     from autoseg import api
 
     plans = api.load_plans(dataset)
-    names = tuple(configurations or (["3d_fullres"] if "3d_fullres" in plans.configurations else ["2d"]))
+    given = list(configurations or []) + list(ctx.args)  # nnU-Net style lists: -c 2d 3d_fullres
+    names = tuple(given or (["3d_fullres"] if "3d_fullres" in plans.configurations else ["2d"]))
     folders = api.preprocess(dataset, configurations=names, workers=workers, overwrite=overwrite)
     for name, folder in folders.items():
         _console().print(f"{name}: {folder}", soft_wrap=True)

@@ -144,13 +144,13 @@ def postprocess_command(
     _console().print(f"{len(written)} case(s) postprocessed -> {output}", soft_wrap=True)
 
 
-@app.command("find-best")
+@app.command("find-best", context_settings={"allow_extra_args": True})
 @guarded
 def find_best_command(
     ctx: typer.Context,
     dataset: DatasetArg,
     configurations: Annotated[list[str] | None, typer.Option("--configuration", "-c", help=(
-        "Configuration to consider; repeat for several (default: every one with all folds validated)."))] = None,
+        "Configuration(s) to consider: -c 2d 3d_fullres (default: every one with all folds validated)."))] = None,
     ensembles: Annotated[bool, typer.Option("--ensembles/--no-ensembles", help="Also try pairs of configurations.")
                          ] = True,
     workers: WorkersOpt = 2,
@@ -163,5 +163,6 @@ def find_best_command(
     from autoseg import api
     from autoseg.evaluation import inference_instructions
 
-    choice = api.find_best(dataset, configurations=configurations, allow_ensembles=ensembles, workers=workers)
+    names = list(configurations or []) + list(ctx.args) or None  # nnU-Net style lists: -c 2d 3d_fullres
+    choice = api.find_best(dataset, configurations=names, allow_ensembles=ensembles, workers=workers)
     _console().print(inference_instructions(choice), soft_wrap=True, markup=False)

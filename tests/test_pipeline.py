@@ -39,6 +39,9 @@ def test_short_training_segments_held_out_scans(roots: Path) -> None:
     assert summary["mean"]["organ"]["dice"] > 0.5, evaluated
     assert len(summary["cases"]) == 2 and "organ" in evaluated
     assert (validation.parent / "training.json").is_file()  # the fold's own settings, for --continue
+    validated_at = (validation / "summary.json").stat().st_mtime_ns
+    _ok(["train", "900", "3d_fullres", "0", "--continue", "-j", "0"])  # a resubmitted finished fold
+    assert (validation / "summary.json").stat().st_mtime_ns == validated_at  # not validated again
     # the trained model travels as a zip and predicts the same labels elsewhere
     _ok(["export-model", "900", "-c", "3d_fullres", "-o", str(roots / "model.zip")])
     _ok(["predict", "-i", str(raw / "imagesTs"), "-o", str(roots / "pred_zip"), "-m", str(roots / "model.zip"),
@@ -57,3 +60,14 @@ def test_ensemble_needs_two_prediction_folders(roots: Path) -> None:
     (roots / "a").mkdir()
     result = runner.invoke(app, ["ensemble", "-i", str(roots / "a"), "-o", str(roots / "out")])
     assert result.exit_code == 2 and "error:" in result.output
+
+
+def test_configurations_can_be_listed_as_in_nnunet(roots: Path) -> None:
+    _ok(["example-dataset", "--cases", "3", "--size", "24"])
+    _ok(["plan", "900", "-j", "1"])
+    done = _ok(["preprocess", "900", "-c", "2d", "3d_fullres", "-j", "1"])
+    assert "2d:" in done and "3d_fullres:" in done
+    unknown = runner.invoke(app, ["preprocess", "900", "-c", "2d", "3d_highres"])
+    assert unknown.exit_code == 2 and "3d_highres" in unknown.output
+    listed = runner.invoke(app, ["find-best", "900", "-c", "2d", "3d_fullres"])
+    assert listed.exit_code == 2 and "unexpected extra" not in listed.output

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from autoseg.runtime.device import amp_dtype, pick_device
+
+PROCESS_GROUP_TIMEOUT_MIN = 60
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,10 @@ def _init_process_group(device: Any) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # rank 0 alone prepares some inputs (a cascade's previous-stage maps) while the others wait at a
+        # barrier: the default 10 minutes can be too short on a slow shared file system
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=PROCESS_GROUP_TIMEOUT_MIN))
 
 
 def barrier(context: RuntimeContext) -> None:

@@ -126,7 +126,12 @@ def _save_and_stop(run: FoldRun, settings: TrainingSettings, context: RuntimeCon
 
 
 def _loaders(run: FoldRun, settings: TrainingSettings, context: RuntimeContext, *, start_epoch: int):
-    per_rank = math.ceil((settings.batch_size or run.config.batch_size) / context.world_size)
+    batch = settings.batch_size or run.config.batch_size
+    per_rank = math.ceil(batch / context.world_size)
+    if per_rank * context.world_size != batch and context.is_main:
+        log.warning("batch size %d does not split over %d processes: each takes %d, so the batch is %d "
+                    "(pass --batch-size as a multiple of the GPU count to keep it)", batch, context.world_size,
+                    per_rank, per_rank * context.world_size)
     common = {"batch_size": per_rank, "oversample": settings.foreground_oversample,
               "deep_supervision": settings.deep_supervision, "previous_dir": run.previous_dir,
               "previous_values": run.previous.values if run.previous else ()}
