@@ -202,3 +202,18 @@ def test_predict_with_prev_stage_folder_and_chained(cascade, trained: ModelFolde
                                       str(trained.root), "--device", "cpu", "--no-tta", "--prev-stage",
                                       str(tmp_path / "cli_prev")])
     assert result.exit_code == 1 and "test_001" in result.output and (tmp_path / "cli" / "test_000.nii.gz").is_file()
+
+
+def test_a_cascade_archive_brings_its_first_stage_and_predicts_the_same(cascade, trained: ModelFolder,
+                                                                       example_dataset: Path, tmp_path: Path) -> None:
+    from autoseg.sharing import export_model
+
+    dataset, plans, location, _ = cascade
+    manifest = export_model(location.results, tmp_path / "cascade.zip", configurations=["3d_cascade_fullres"])
+    assert [m.configuration for m in manifest.models] == ["3d_lowres", "3d_cascade_fullres"]
+    images = example_dataset / "imagesTs"
+    api.predict(images, tmp_path / "folder", dataset=example_dataset, configuration="3d_cascade_fullres", options=CPU)
+    api.predict(images, tmp_path / "zip", model=tmp_path / "cascade.zip", configuration="3d_cascade_fullres",
+                options=CPU)
+    for name in ("test_000.nii.gz", "test_001.nii.gz"):
+        assert np.array_equal(read_label(tmp_path / "folder" / name)[0], read_label(tmp_path / "zip" / name)[0])
