@@ -76,6 +76,9 @@ def train_fold(run: FoldRun, settings: TrainingSettings, context: RuntimeContext
     state = TrainingState()
     if resume:
         state = _restore(run, objects, settings)
+    elif context.is_main and any(run.folder.checkpoint(run.fold, name).is_file() for name in ("latest", "final")):
+        log.warning("fold %s already has checkpoints in %s: training it again from scratch (pass --continue to "
+                    "resume instead)", run.fold, fold_dir)
     if state.epoch >= settings.epochs:
         log.info("fold %s is already trained for %d epochs; pass a larger --epochs to extend it",
                  run.fold, state.epoch)
