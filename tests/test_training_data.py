@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import shutil
@@ -403,6 +404,33 @@ def test_workers_outlive_a_schedulers_stop_signal_and_still_close(cache: dict) -
     loader.close()
     time.sleep(0.2)
     assert not any(_alive(pid) for pid in pids)
+
+
+class _CycleWithFinalizer:
+    """Garbage in a reference cycle whose finalizer records which process ran it."""
+
+    def __init__(self, record: Path) -> None:
+        self.record, self.me = record, self
+
+    def __del__(self) -> None:
+        (self.record / str(os.getpid())).touch()
+
+
+def _collect_then_echo(index: int) -> int:
+    gc.collect()  # what an import or allocation in a worker may trigger at any time
+    return index
+
+
+def test_workers_never_finalize_the_parents_garbage(tmp_path: Path) -> None:
+    gc.disable()  # keep the cycle uncollected in the parent until the workers exist
+    try:
+        _CycleWithFinalizer(tmp_path)
+        with WorkerPool(_collect_then_echo, workers=2) as pool:
+            assert [pool.get() for _ in range(4)] == [0, 1, 2, 3]
+    finally:
+        gc.enable()
+    gc.collect()
+    assert [p.name for p in tmp_path.iterdir()] == [str(os.getpid())]  # finalized once, by the parent
 
 
 def test_transform_raising_in_a_worker_is_reported(cache: dict, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ within `poll_s` seconds and reported with its exit code or signal and a hint, ne
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -65,6 +66,17 @@ class WorkerPool:
         self._procs: list[Any] = []
         self._readers: list[Any] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._stop, self._procs, self._readers)
+        # Objects that exist now are frozen out of the garbage collector while the workers fork: a forked
+        # child must never run the destructors of the parent's garbage (a native library's thread pool,
+        # a CUDA tensor), which can hang it for good. It also keeps the parent's pages shared.
+        gc.freeze()
+        try:
+            self._start_workers(context, produce, workers=workers, start=start, prefetch=prefetch)
+        finally:
+            gc.unfreeze()
+
+    def _start_workers(self, context: Any, produce: Callable[[int], Any], *, workers: int, start: int,
+                       prefetch: int) -> None:
         for worker in range(workers):
             reader, writer = context.Pipe(duplex=False)
             args = (produce, worker, workers, start, writer, self._stop, os.getpid(), prefetch)
