@@ -60,7 +60,8 @@ def stubs(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         "autoseg": record + usr1 + block,
         "torchrun": record,
         "srun": record + 'while [[ "$1" == -* ]]; do shift; done\nexec "$@"\n',
-        "scontrol": 'if [[ "$1" == show ]]; then printf "gpu017\\ngpu018\\n"; '
+        # a long host list, as on a big allocation: a reader that stops early would SIGPIPE it
+        "scontrol": 'if [[ "$1" == show ]]; then printf "gpu017\\ngpu018\\n"; seq -f "node%05g" 100000; '
                     'else echo "$@" $(ls "$STUB_LOG" | grep -c saved) >> "$STUB_LOG/scontrol"; fi\n',
     }
     for name, body in bodies.items():

@@ -21,6 +21,7 @@ from autoseg.fingerprint import extract_fingerprint
 from autoseg.planning import plan
 from autoseg.planning.contract import Configuration
 from autoseg.preprocessing.run import preprocess_dataset
+from autoseg.runtime.processes import process_pool
 from autoseg.training import (
     PRESETS,
     Augmentation,
@@ -421,12 +422,17 @@ def _collect_then_echo(index: int) -> int:
     return index
 
 
-def test_workers_never_finalize_the_parents_garbage(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["loader workers", "process pool"])
+def test_workers_never_finalize_the_parents_garbage(tmp_path: Path, kind: str) -> None:
     gc.disable()  # keep the cycle uncollected in the parent until the workers exist
     try:
         _CycleWithFinalizer(tmp_path)
-        with WorkerPool(_collect_then_echo, workers=2) as pool:
-            assert [pool.get() for _ in range(4)] == [0, 1, 2, 3]
+        if kind == "loader workers":
+            with WorkerPool(_collect_then_echo, workers=2) as pool:
+                assert [pool.get() for _ in range(4)] == [0, 1, 2, 3]
+        else:  # what check, fingerprint, preprocess and evaluate use
+            with process_pool(2) as executor:
+                assert list(executor.map(_collect_then_echo, range(4))) == [0, 1, 2, 3]
     finally:
         gc.enable()
     gc.collect()

@@ -11,7 +11,6 @@ reveals truncation, and the geometry comes with them.
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from autoseg.dataset.load import scan_dataset
 from autoseg.errors import ImageReadError
 from autoseg.io import Geometry, read_array
 from autoseg.log import get_logger, progress
+from autoseg.runtime.processes import process_pool
 
 #: |spacing difference| must exceed SPACING_RTOL * spacing + SPACING_ATOL (mm) to be reported.
 SPACING_RTOL, SPACING_ATOL = 1e-3, 1e-4
@@ -45,7 +45,7 @@ def check_dataset(root: str | Path, *, workers: int = 1) -> list[Problem]:
     jobs = [(case, dataset.label_values, dataset.ignore_label) for case in dataset.cases]
     description = f"checking {dataset.name}"
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        with process_pool(min(workers, len(jobs))) as pool:
             chunk = max(1, len(jobs) // (4 * workers))
             results = pool.map(_check_job, jobs, chunksize=chunk)
             for case_problems in progress(results, total=len(jobs), description=description):

@@ -7,7 +7,6 @@ files of two folders by name, evaluates them (in parallel when asked) and writes
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from autoseg.evaluation.metrics import confusion_counts, dice_score, iou_score, 
 from autoseg.io.geometry import Geometry
 from autoseg.io.readers import read_header, read_label
 from autoseg.log import get_logger, progress
+from autoseg.runtime.processes import process_pool
 from autoseg.serialization import load_contract, save_contract
 
 log = get_logger("evaluation")
@@ -211,7 +211,7 @@ def _run(job: partial[CaseEvaluation], pairs: list[tuple[str, Path, Path]], work
     if workers <= 1 or len(pairs) < 2:
         yield from (job(*pair) for pair in pairs)
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(pairs))) as pool:
+    with process_pool(min(workers, len(pairs))) as pool:
         futures = [pool.submit(job, *pair) for pair in pairs]
         for future in futures:
             yield future.result()

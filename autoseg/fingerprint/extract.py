@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from autoseg.fingerprint.contract import CaseFingerprint, Fingerprint
 from autoseg.fingerprint.intensity import case_rng, intensity_stats, sample_foreground
 from autoseg.io import read_images, read_label
 from autoseg.log import get_logger, progress
+from autoseg.runtime.processes import process_pool
 
 #: Foreground samples drawn over the whole dataset, split equally between cases. nnU-Net draws
 #: 1e8; 1e7 gives the same 0.5/99.5 percentiles to well under 0.1 % of the intensity range
@@ -95,7 +95,7 @@ def _run_cases(cases: list[Case], samples: int, workers: int):
         for case in cases:
             yield analyse_case(case, samples=samples)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with process_pool(workers) as pool:
         futures = [pool.submit(analyse_case, case, samples=samples) for case in cases]
         for future in futures:
             yield future.result()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from autoseg.log import get_logger, progress
 from autoseg.planning.contract import Configuration, Plans
 from autoseg.preprocessing.cache import is_done, write_case
 from autoseg.preprocessing.case import case_properties, preprocess_arrays
+from autoseg.runtime.processes import process_pool
 from autoseg.serialization import to_jsonable
 
 log = get_logger("preprocessing")
@@ -116,7 +117,7 @@ def _run(jobs: list[CaseJob], workers: int):
         for job in jobs:
             yield process_case(job)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with process_pool(workers) as pool:
         queue = list(reversed(jobs))
         running: set[Future[str]] = set()
         while queue or running:
