@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autoseg.dataset.load import load_dataset
 from autoseg.dataset.synthetic import make_example_dataset
@@ -176,6 +178,22 @@ def test_patch_larger_than_case_is_padded(cache: dict) -> None:
         assert all(s < 48 for s in case.shape[1:])
         assert np.isclose(data.sum(), case.sum(), rtol=1e-4)  # the whole case is inside, the rest is 0
         assert (data == 0).sum() >= 48**3 - case[0].size
+
+
+@settings(max_examples=80, deadline=None)
+@given(extent=st.integers(1, 80), patch=st.integers(1, 80), seed=st.integers(0, 2**16))
+def test_random_patch_lies_in_the_case_or_centres_a_small_case(extent: int, patch: int, seed: int) -> None:
+    from autoseg.inference.tiling import padding_for
+    from autoseg.training.sampling import random_lower
+
+    rng = np.random.default_rng(seed)
+    lowers = {random_lower(extent, patch, rng) for _ in range(40)}
+    if extent >= patch:
+        assert all(0 <= low <= extent - patch for low in lowers)
+    else:  # the case sits mid-patch, as inference pads it; an odd gap puts the spare voxel either side
+        gap = patch - extent
+        assert lowers <= {-(gap // 2), -((gap + 1) // 2)}
+        assert -padding_for((extent,), (patch,))[0][0] in {-(gap // 2), -((gap + 1) // 2)}
 
 
 def test_same_seed_same_batches_and_any_worker_count(cache: dict) -> None:

@@ -233,9 +233,9 @@ def choose_boxes(
 
     A forced sample picks one class present in its case uniformly (class-balanced, not voxel-balanced),
     then one stored voxel of it, and centres the patch there (clamped so the patch stays within the case
-    where it fits). Other samples place the patch uniformly so that it lies within the case (or the case
-    within the patch, where the case is smaller). 2d configurations pick a slice first; a forced sample
-    takes the slice of its voxel, so it shows the class.
+    where it fits). Other samples place the patch uniformly within the case along axes where it fits,
+    and centre the case in the patch along axes where the case is smaller (`random_lower`). 2d
+    configurations pick a slice first; a forced sample takes the slice of its voxel, so it shows the class.
     """
     n_forced = min(batch_size, round_half_up(oversample * batch_size))
     cases = rng.integers(len(cache.case_ids), size=batch_size)
@@ -263,8 +263,21 @@ def _box(cache: CaseCache, case: int, patch: Sequence[int], *, forced: bool,
             return PatchBox(case, int(voxel[0]) if two_d else None, lower, True)
     slice_index = int(rng.integers(shape[0])) if two_d else None
     spatial = shape[1:] if two_d else shape
-    lower = tuple(int(rng.integers(min(0, n - p), max(0, n - p) + 1)) for p, n in zip(patch, spatial))
+    lower = tuple(random_lower(n, p, rng) for p, n in zip(patch, spatial))
     return PatchBox(case, slice_index, lower, forced)
+
+
+def random_lower(extent: int, patch: int, rng: np.random.Generator) -> int:
+    """Lower corner of a random patch along one axis: uniform over the case where the patch fits, and
+    the case centred in the patch where it does not (an odd gap puts the spare voxel on either side).
+
+    Centring is nnU-Net's rule and mirrors inference, which pads a small case evenly on both sides
+    (inference.tiling.padding_for): the network trains on small cases where it will see them.
+    """
+    if extent >= patch:
+        return int(rng.integers(0, extent - patch + 1))
+    gap = patch - extent
+    return -int(rng.integers(gap // 2, (gap + 1) // 2 + 1))
 
 
 def read_box(cache: CaseCache, box: PatchBox, lower: Sequence[int], *, size: Sequence[int]
