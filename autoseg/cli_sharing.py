@@ -60,17 +60,22 @@ def install_model_command(
 
     Nothing but plans, labels, settings, checkpoints and postprocessing rules is accepted; absolute
     paths, `..`, links and files that differ from the manifest's sha256 are refused, and checkpoints
-    load with weights_only. Afterwards predict with -d DATASET -c CONFIGURATION as on the training machine.
+    load with weights_only. Afterwards predict with -d DATASET -c CONFIGURATION as on the training machine
+    (with -m MODEL_FOLDER when --results is not AUTOSEG_RESULTS); the commands are printed.
     """
     from autoseg import api
+    from autoseg.paths import data_root
 
     installed = api.install_model(archive, results=results, overwrite=overwrite)
     console = _console()
     console.print(f"installed into {installed.results}", soft_wrap=True)
+    # predict -d looks under AUTOSEG_RESULTS: elsewhere, the model folder itself has to be named
+    in_default_root = installed.results.parent.resolve() == data_root("results").resolve()
     for model in installed.manifest.models:
-        console.print(f"  autoseg predict -i INPUT -o OUTPUT -d {installed.manifest.dataset} "
-                      f"-c {model.configuration} --checkpoint {installed.manifest.checkpoint}", soft_wrap=True,
-                      markup=False)
+        where = (f"-d {installed.manifest.dataset} -c {model.configuration}" if in_default_root
+                 else f"-m {installed.model_folder(model.configuration)}")
+        console.print(f"  autoseg predict -i INPUT -o OUTPUT {where} --checkpoint {installed.manifest.checkpoint}",
+                      soft_wrap=True, markup=False)
     if installed.postprocessing is not None:
         console.print(f"  autoseg postprocess -i OUTPUT -o OUTPUT_PP --rules {installed.postprocessing}",
                       soft_wrap=True, markup=False)
@@ -98,7 +103,7 @@ def export_onnx_command(
 
     The graph is the network only: preprocessing (resampling, normalisation), the sliding window and
     the export to the scan's geometry stay in autoseg; OUTPUT.json records what a deployment must do.
-    Needs the onnx extra: pip install "autoseg[onnx]".
+    Needs onnx and onnxruntime: pip install -e ".[onnx]" in the autoseg checkout.
     Example: autoseg export-onnx -d 4 -c 3d_fullres -f 0 -o hippocampus_fold0.onnx
     """
     from autoseg import api

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -103,6 +104,16 @@ def test_export_errors_name_the_missing_fold_and_configuration(results: Path, tm
     assert not (tmp_path / "x.zip").exists()
 
 
+def test_export_names_a_missing_settings_file(results: Path, tmp_path: Path) -> None:
+    copy = tmp_path / DATASET
+    shutil.copytree(results, copy)
+    (copy / "3d_fullres__autoseg" / "training.json").unlink()
+    with pytest.raises(ArchiveError, match="training.json") as caught:
+        export_model(copy, tmp_path / "x.zip", configurations=["3d_fullres"])
+    assert caught.value.path == str(copy / "3d_fullres__autoseg" / "training.json")
+    assert not (tmp_path / "x.zip").exists()
+
+
 def test_postprocessing_rules_travel_only_with_the_chosen_setup(results: Path, tmp_path: Path) -> None:
     rules = {"format": 1, "keep_largest": []}
     write_json(results / RULES_NAME, rules)
@@ -184,7 +195,8 @@ def test_not_a_zip_and_existing_installs_are_clear_errors(archive: Path, tmp_pat
     assert [p.name for p in root.iterdir()] == [DATASET]  # no staging folder left behind
 
 
-def test_cli_export_install_and_env(results: Path, roots: Path, tmp_path: Path) -> None:
+def test_cli_export_install_and_env(results: Path, roots: Path, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
     (roots / "results").mkdir(parents=True)
     (roots / "results" / DATASET).symlink_to(results, target_is_directory=True)
@@ -196,9 +208,13 @@ def test_cli_export_install_and_env(results: Path, roots: Path, tmp_path: Path) 
     done = runner.invoke(app, ["install-model", str(output), "--results", str(target)])
     assert done.exit_code == 0, done.output
     assert (target / DATASET / "3d_fullres__autoseg" / "fold_1" / "checkpoint_final.pt").is_file()
-    assert f"-d {DATASET} -c 3d_fullres" in done.output
+    # outside AUTOSEG_RESULTS, predict -d would not find it: the printed command names the folder
+    assert f"-m {target / DATASET / '3d_fullres__autoseg'}" in done.output.replace("\n", "")
     again = runner.invoke(app, ["install-model", str(output), "--results", str(target)])
     assert again.exit_code == 2 and "--overwrite" in again.output
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(target))
+    again = runner.invoke(app, ["install-model", str(output), "--overwrite"])
+    assert again.exit_code == 0 and f"-d {DATASET} -c 3d_fullres" in again.output, again.output
     env = runner.invoke(app, ["env", "--json"])
     assert env.exit_code == 0, env.output
     report = json.loads(env.output[env.output.index("{"):])

@@ -108,6 +108,10 @@ def export_model(results: Path, output: Path, *, configurations: Sequence[str], 
     for model in models:
         folder = ModelFolder(results / model.folder)
         for name in _MODEL_FILES:
+            if not (folder.root / name).is_file():
+                raise ArchiveError(f"the model folder has no {name}", path=folder.root / name,
+                                   hint="export a folder written by `autoseg train` (it writes plans, dataset "
+                                        "and training settings); copy the missing file from the training machine")
             entries[f"{results.name}/{model.folder}/{name}"] = folder.root / name
         for fold in model.folds:
             data = _stripped_checkpoint(folder.checkpoint(fold, checkpoint))

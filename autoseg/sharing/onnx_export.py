@@ -56,7 +56,7 @@ BATCH_AXIS = "batch"
 _EXAMPLE_BATCH = 2
 #: The check's tolerance on max |onnx - torch|, relative to the largest logit magnitude (at least 1).
 _RELATIVE_TOLERANCE = 1e-3
-_INSTALL_HINT = 'pip install "autoseg[onnx]"'
+_INSTALL_HINT = 'pip install onnx onnxruntime onnxscript (the onnx extra: pip install -e ".[onnx]" in a checkout)'
 #: Loggers that narrate the export (torchvision ops skipped, opset conversion): debug-level noise here.
 _EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
 
