@@ -173,3 +173,16 @@ def test_cpu_bf16_is_an_opt_in_that_stays_close(model: ModelFolder, example_data
     assert exact.amp is None and fast.amp == torch.bfloat16
     agree = exact.predict(images, geometry=geometry).labels == fast.predict(images, geometry=geometry).labels
     assert agree.mean() > 0.9
+
+
+def test_a_folder_with_only_best_checkpoints_predicts_with_them(model: ModelFolder, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(model.root, tmp_path / model.root.name))
+    for final in copy.glob("fold_*/checkpoint_final.pt"):
+        final.rename(final.with_name("checkpoint_best.pt"))
+    predictor = Predictor.from_folder(copy, PredictOptions(tta=False))
+    best = sorted(p.parent.name.removeprefix("fold_") for p in copy.glob("fold_*/checkpoint_best.pt"))
+    assert predictor.folds == tuple(best)
+    first = next(iter(copy.glob("fold_*/checkpoint_best.pt")))
+    shutil.copy(first, first.with_name("checkpoint_latest.pt"))  # two kinds: no guessing, a clear error
+    with pytest.raises(CheckpointError, match="checkpoint_final"):
+        Predictor.from_folder(copy, PredictOptions(tta=False))

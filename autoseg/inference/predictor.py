@@ -85,13 +85,14 @@ class Predictor:
         plans = model.load_plans()
         config = plans.configurations[configuration_name(model, plans)]
         dataset = read_dataset_json(model.dataset_file)
-        folds = options.folds or _available_folds(model, options.checkpoint)
+        checkpoint = checkpoint_to_use(model, options.checkpoint)
+        folds = options.folds or _available_folds(model, checkpoint)
         device = pick_device(options.device)
         if device.type == "cpu":  # every tile frees and reallocates large activations: 2.2x faster (benchmarks.md)
             keep_freed_memory()
         networks, mirror_axes = [], None
         for fold in folds:
-            network, axes = load_fold_network(model, fold, options.checkpoint, plans, config, dataset)
+            network, axes = load_fold_network(model, fold, checkpoint, plans, config, dataset)
             networks.append(network.to(device))
             mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in axes)
         tiles = options.tiles_per_batch or (1 if device.type == "cpu" else config.batch_size)
@@ -195,6 +196,19 @@ def configuration_name(model: ModelFolder, plans: Plans) -> str:
         raise CheckpointError(f"the folder name does not start with a configuration of its plan ({name!r})",
                               path=model.root, hint="keep the folder's name as `autoseg train` wrote it")
     return name
+
+
+def checkpoint_to_use(model: ModelFolder, requested: str) -> str:
+    """`requested`, except that a folder without any final checkpoint but with exactly one other kind
+    (a model exported or installed with `--checkpoint best`) uses that kind, with a warning."""
+    if requested != "final" or any(model.root.glob("fold_*/checkpoint_final.pt")):
+        return requested
+    kinds = [kind for kind in ("best", "latest") if any(model.root.glob(f"fold_*/checkpoint_{kind}.pt"))]
+    if len(kinds) != 1:
+        return requested
+    log.warning("%s has no final checkpoint; using checkpoint_%s (pass --checkpoint to choose)",
+                model.root.name, kinds[0])
+    return kinds[0]
 
 
 def _available_folds(model: ModelFolder, checkpoint: str) -> tuple[str, ...]:
