@@ -67,9 +67,9 @@ class ModelFolder:
     def checkpoint(self, fold: int | str, name: str) -> Path:
         return self.fold_dir(fold) / f"checkpoint_{name}.pt"
 
-    def folds(self) -> tuple[str, ...]:
-        """Folds with a final checkpoint, in order."""
-        found = [p.parent.name.removeprefix("fold_") for p in self.root.glob("fold_*/checkpoint_final.pt")]
+    def folds(self, checkpoint: str = "final") -> tuple[str, ...]:
+        """Folds with a `checkpoint` (final, best, latest) checkpoint, in order (numbered first, then "all")."""
+        found = [p.parent.name.removeprefix("fold_") for p in self.root.glob(f"fold_*/checkpoint_{checkpoint}.pt")]
         return tuple(sorted(found, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f)))
 
     def write_metadata(self, plans: Plans, *, dataset_json: Path, settings: Any) -> None:

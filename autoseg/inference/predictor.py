@@ -201,9 +201,9 @@ def configuration_name(model: ModelFolder, plans: Plans) -> str:
 def checkpoint_to_use(model: ModelFolder, requested: str) -> str:
     """`requested`, except that a folder without any final checkpoint but with exactly one other kind
     (a model exported or installed with `--checkpoint best`) uses that kind, with a warning."""
-    if requested != "final" or any(model.root.glob("fold_*/checkpoint_final.pt")):
+    if requested != "final" or model.folds("final"):
         return requested
-    kinds = [kind for kind in ("best", "latest") if any(model.root.glob(f"fold_*/checkpoint_{kind}.pt"))]
+    kinds = [kind for kind in ("best", "latest") if model.folds(kind)]
     if len(kinds) != 1:
         return requested
     log.warning("%s has no final checkpoint; using checkpoint_%s (pass --checkpoint to choose)",
@@ -212,8 +212,7 @@ def checkpoint_to_use(model: ModelFolder, requested: str) -> str:
 
 
 def _available_folds(model: ModelFolder, checkpoint: str) -> tuple[str, ...]:
-    found = model.root.glob(f"fold_*/checkpoint_{checkpoint}.pt")
-    folds = tuple(sorted(path.parent.name.removeprefix("fold_") for path in found))
+    folds = model.folds(checkpoint)
     if not folds:
         raise CheckpointError(f"no fold has a checkpoint_{checkpoint}.pt", path=model.root,
                               hint="train at least one fold to the end, or pass --checkpoint latest/best")

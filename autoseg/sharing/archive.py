@@ -145,13 +145,12 @@ def _select_models(results: Path, configurations: Sequence[str], folds: Sequence
 
 
 def _folds_of(folder: ModelFolder, folds: Sequence[str] | None, checkpoint: str) -> tuple[str, ...]:
-    found = folder.root.glob(f"fold_*/checkpoint_{checkpoint}.pt")
-    available = tuple(path.parent.name.removeprefix("fold_") for path in found)
+    available = folder.folds(checkpoint)
     if folds is None:
         if not available:
             raise ArchiveError(f"no fold has a checkpoint_{checkpoint}.pt", path=folder.root,
                                hint="train the folds first, or pass --checkpoint best/latest")
-        return tuple(sorted(available, key=lambda f: (not f.isdigit(), f.zfill(3))))
+        return available
     missing = [fold for fold in folds if fold not in available]
     if missing:
         raise ArchiveError(f"fold(s) {' '.join(missing)} have no checkpoint_{checkpoint}.pt", path=folder.root,
