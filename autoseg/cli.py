@@ -219,6 +219,13 @@ def train_command(
     checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every", min=1,
                                                          help="Epochs between latest checkpoints (50).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling and augmentation.")] = None,
+    init: Annotated[str | None, typer.Option("--init", help=(
+        "How the output heads start: prior (at the class frequencies of the training patches; default) or "
+        "nnunet (He init as nnU-Net, for exact comparisons). See docs/training.md."))] = None,
+    warmup: Annotated[int | None, typer.Option("--warmup", min=0, help=(
+        "Iterations of linear learning-rate warm-up at the start (default 0)."))] = None,
+    batch_dice: Annotated[bool | None, typer.Option("--batch-dice/--sample-dice", help=(
+        "Pool the Dice over the batch or per sample (default: the plan's batch_dice)."))] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default on).")] = None,
     compile_network: Annotated[bool | None, typer.Option("--compile/--no-compile",
@@ -236,7 +243,8 @@ def train_command(
 
     given = {"epochs": epochs, "iterations_per_epoch": iterations, "val_iterations": val_iterations,
              "initial_lr": lr, "batch_size": batch_size, "augmentation": augmentation, "workers": workers,
-             "checkpoint_every": checkpoint_every, "seed": seed, "amp": amp, "compile": compile_network}
+             "checkpoint_every": checkpoint_every, "seed": seed, "amp": amp, "compile": compile_network,
+             "init": init, "warmup_iterations": warmup, "batch_dice": batch_dice}
     overrides = {key: value for key, value in given.items() if value is not None}
     fold_value: int | str = int(fold) if fold.isdigit() else fold
     folder = api.train(dataset, configuration, fold_value, overrides=overrides, device=device, resume=resume,

@@ -30,6 +30,29 @@ def real_dataset() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def small_training_setup(example_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(dataset, plans, location, root): the example planned and preprocessed under root/pre with a shrunken
+    3d_fullres network (4-8 features, patch 16^3, batch 2) so training tests run in seconds."""
+    import dataclasses
+
+    from autoseg.dataset.load import load_dataset
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.paths import DatasetLocation
+    from autoseg.planning import plan
+    from autoseg.preprocessing.run import preprocess_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    dataset = load_dataset(example_dataset)
+    plans = plan(extract_fingerprint(dataset), dataset)
+    config = plans.configurations["3d_fullres"]
+    topology = dataclasses.replace(config.topology, features_per_stage=(4, 8, 8, 8, 8)[: config.topology.n_stages])
+    small = dataclasses.replace(config, topology=topology, patch_size=(16, 16, 16), batch_size=2)
+    plans = dataclasses.replace(plans, configurations={"3d_fullres": small})
+    preprocess_dataset(dataset, plans, ["3d_fullres"], out_root=root / "pre" / dataset.name)
+    return dataset, plans, DatasetLocation(name=dataset.name, raw=Path(dataset.root)), root
+
+
 @pytest.fixture()
 def roots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Fresh AUTOSEG_RAW / _PREPROCESSED / _RESULTS folders under tmp_path, for command-line tests."""

@@ -31,18 +31,9 @@ SMALL = TrainingSettings(epochs=4, iterations_per_epoch=3, val_iterations=2, wor
 
 
 @pytest.fixture(scope="module")
-def prepared(example_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+def prepared(small_training_setup):
     """The example dataset planned and preprocessed, and a shrunken network so tests run in seconds."""
-    root = tmp_path_factory.mktemp("train")
-    dataset = load_dataset(example_dataset)
-    plans = plan(extract_fingerprint(dataset), dataset)
-    config = plans.configurations["3d_fullres"]
-    topology = dataclasses.replace(config.topology, features_per_stage=(4, 8, 8, 8, 8)[: config.topology.n_stages])
-    small = dataclasses.replace(config, topology=topology, patch_size=(16, 16, 16), batch_size=2)
-    plans = dataclasses.replace(plans, configurations={"3d_fullres": small})
-    location = DatasetLocation(name=dataset.name, raw=Path(dataset.root))
-    preprocess_dataset(dataset, plans, ["3d_fullres"], out_root=root / "pre" / dataset.name)
-    return dataset, plans, location, root
+    return small_training_setup
 
 
 def _run(prepared, results: Path, fold: int = 0):

@@ -217,6 +217,11 @@ class UNet(nn.Module):
         )
         init_weights(self)
 
+    @property
+    def output_heads(self) -> list[nn.Module]:
+        """The 1x1 segmentation heads, highest resolution first (what an output init adjusts)."""
+        return [level.head for level in self.decoder]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
         skips = self.encoder(x)

@@ -15,7 +15,7 @@ from autoseg.paths import DatasetLocation
 from autoseg.planning.contract import Plans
 from autoseg.runtime.device import configure_threads, keep_freed_memory, seed_all
 from autoseg.runtime.distributed import RuntimeContext, barrier, shutdown
-from autoseg.serialization import atomic_write, load_contract, save_contract
+from autoseg.serialization import atomic_write, load_contract, read_json, save_contract
 from autoseg.training.cascade import previous_sources, store_previous
 from autoseg.training.loop import FoldRun, train_fold
 from autoseg.training.progress import attach_log_file, detach_log_file
@@ -40,11 +40,21 @@ def resolve_settings(folder: ModelFolder, overrides: dict[str, Any], *, resume: 
         stored = folder.settings_file  # a run from before per-fold settings
     if resume and stored.is_file():
         base = load_contract(stored, TrainingSettings, rerun="autoseg train (without --continue)")
-        base = replace(base, workers=None)
+        base = replace(base, workers=None, **_settings_before_fields(stored))
     unknown = set(overrides) - set(TrainingSettings.__dataclass_fields__)
     if unknown:
         raise SettingsError(f"unknown training setting(s): {sorted(unknown)}", hint="see `autoseg train --help`")
     return replace(base, **overrides).validated()
+
+
+#: Fields added after runs were stored without them, with the value those runs trained with.
+OLD_BEHAVIOUR = {"init": "nnunet", "warmup_iterations": 0}
+
+
+def _settings_before_fields(stored: Path) -> dict[str, Any]:
+    """A run stored before a field existed continues with the behaviour it was trained with."""
+    written = read_json(stored)
+    return {name: value for name, value in OLD_BEHAVIOUR.items() if name not in written}
 
 
 def fold_run(location: DatasetLocation, dataset: Dataset, plans: Plans, configuration: str,

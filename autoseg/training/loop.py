@@ -26,7 +26,7 @@ from autoseg.runtime.signals import StopSignals
 from autoseg.training.augment import resolve as resolve_augmentation
 from autoseg.training.data import make_loader
 from autoseg.training.progress import append_metrics, keep_metrics_until, plot_progress, read_metrics
-from autoseg.training.settings import TrainingSettings, poly_lr
+from autoseg.training.settings import TrainingSettings, poly_lr, warmup_factor
 from autoseg.training.setup import build_training_objects
 from autoseg.training.steps import dice_from_counts, to_device, train_step, validation_step
 
@@ -159,7 +159,11 @@ def _epoch(run: FoldRun, settings: TrainingSettings, context: RuntimeContext, ob
     steps = progress(range(settings.iterations_per_epoch), total=settings.iterations_per_epoch,
                      description=f"epoch {state.epoch + 1}/{settings.epochs}")
     report_every = settings.iterations_per_epoch // 5 if settings.iterations_per_epoch >= 50 else 0
+    first = state.epoch * settings.iterations_per_epoch
     for step in steps:
+        if first + step <= settings.warmup_iterations:  # one more call after the warm-up restores lr
+            for group in objects.optimizer.param_groups:
+                group["lr"] = lr * warmup_factor(first + step, settings.warmup_iterations)
         batch = to_device(next(train_loader), context.device, channels_last=settings.channels_last)
         losses.append(train_step(objects.network, objects.optimizer, objects.loss, batch, scaler=objects.scaler,
                                  amp_dtype=context.amp_dtype, grad_clip=settings.grad_clip))

@@ -31,6 +31,12 @@ class TrainingSettings:
     seed: int = 12345
     workers: int | None = None  # None: from the CPUs allotted to this process
     deep_supervision: bool = True
+    #: How the output heads start (training/init.py): "prior" (class frequencies) or "nnunet" (He init).
+    init: str = "prior"
+    #: Iterations over which the learning rate rises linearly from lr / warmup to lr (0: none).
+    warmup_iterations: int = 0
+    #: Pool Dice sums over the batch (True), per sample (False), or as the plan says (None).
+    batch_dice: bool | None = None
     format: int = SETTINGS_FORMAT
 
     def validated(self) -> TrainingSettings:
@@ -41,10 +47,14 @@ class TrainingSettings:
             "--checkpoint-every": self.checkpoint_every >= 1,
             "--batch-size": self.batch_size is None or self.batch_size >= 1,
             "--oversample": 0.0 <= self.foreground_oversample <= 1.0,
+            "--warmup": self.warmup_iterations >= 0,
         }
         for flag, ok in checks.items():
             if not ok:
                 raise SettingsError(f"{flag} is out of range", hint=f"see `autoseg train --help` for {flag}")
+        from autoseg.training.init import OUTPUT_INITS
+
+        OUTPUT_INITS.get(self.init)  # an unknown --init fails here, with "did you mean"
         return self
 
     def with_epochs(self, epochs: int) -> TrainingSettings:
@@ -54,3 +64,10 @@ class TrainingSettings:
 def poly_lr(initial_lr: float, epoch: int, total_epochs: int, exponent: float = 0.9) -> float:
     """Polynomial decay from `initial_lr` at epoch 0 towards 0 at `total_epochs`."""
     return initial_lr * (1 - epoch / total_epochs) ** exponent
+
+
+def warmup_factor(iteration: int, warmup_iterations: int) -> float:
+    """Learning-rate multiplier at global training iteration `iteration` (0-based): (i + 1) / warmup, then 1."""
+    if iteration >= warmup_iterations:
+        return 1.0
+    return (iteration + 1) / warmup_iterations
