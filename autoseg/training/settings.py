@@ -11,7 +11,9 @@ SETTINGS_FORMAT = 1
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Defaults follow nnU-Net v2: 1000 epochs x 250 iterations, SGD 1e-2 Nesterov 0.99, poly 0.9."""
+    """Defaults follow nnU-Net v2 (1000 epochs x 250 iterations, SGD 1e-2 Nesterov 0.99, poly 0.9) except
+    `init`: the heads start at the class prior, which learns every class early for every seed measured
+    (docs/training.md); `init="nnunet"` gives nnU-Net's initial weights exactly."""
 
     epochs: int = 1000
     iterations_per_epoch: int = 250
