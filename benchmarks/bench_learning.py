@@ -131,7 +131,7 @@ def saved_run(args, plans, config, cache: Path, train_ids: list[str], batches: l
     import torch
 
     from autoseg.model.build import build_network
-    from autoseg.training.init import OUTPUT_INITS, patch_class_frequencies
+    from autoseg.training.init import initialise_outputs
     from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
     from autoseg.training.settings import TrainingSettings, warmup_factor
     from autoseg.training.steps import dice_from_counts, train_step, validation_step
@@ -140,9 +140,9 @@ def saved_run(args, plans, config, cache: Path, train_ids: list[str], batches: l
     amp = torch.bfloat16 if args.precision == "bf16" else None
     torch.manual_seed(seed)
     net = build_network(config.topology, in_channels=len(plans.channel_names), num_classes=plans.num_classes)
-    OUTPUT_INITS.get(settings.init)(net, lambda: patch_class_frequencies(
-        cache, train_ids, config, num_classes=plans.num_classes, batch_size=config.batch_size,
-        oversample=settings.foreground_oversample, seed=seed + 17), False)
+    initialise_outputs(net, settings.init, cache=cache, case_ids=train_ids, config=config,
+                       num_classes=plans.num_classes, batch_size=config.batch_size,
+                       oversample=settings.foreground_oversample, seed=seed)
     batch_dice = config.batch_dice if settings.batch_dice is None else settings.batch_dice
     loss = DeepSupervisionLoss(DiceCELoss(batch_dice=batch_dice), config.topology.n_stages - 1)
     optimizer = torch.optim.SGD(net.parameters(), lr=settings.initial_lr, momentum=settings.momentum, nesterov=True,

@@ -18,7 +18,13 @@ from autoseg.model_folder import ModelFolder
 from autoseg.runtime.distributed import RuntimeContext
 from autoseg.serialization import load_contract, save_contract
 from autoseg.training.data import make_loader
-from autoseg.training.init import MIN_FREQUENCY, OUTPUT_INITS, patch_class_frequencies, prior_bias
+from autoseg.training.init import (
+    FREQUENCY_SEED_OFFSET,
+    MIN_FREQUENCY,
+    OUTPUT_INITS,
+    patch_class_frequencies,
+    prior_bias,
+)
 from autoseg.training.job import fold_run, resolve_settings
 from autoseg.training.loop import train_fold
 from autoseg.training.settings import TrainingSettings, warmup_factor
@@ -44,7 +50,8 @@ CPU = RuntimeContext(device=torch.device("cpu"))
 
 def _frequencies(run, seed: int) -> np.ndarray:
     return patch_class_frequencies(run.cache, run.train_ids, run.config, num_classes=run.num_classes,
-                                   batch_size=run.config.batch_size, oversample=0.33, seed=seed + 17)
+                                   batch_size=run.config.batch_size, oversample=0.33,
+                                   seed=seed + FREQUENCY_SEED_OFFSET)
 
 
 def test_prior_heads_start_at_the_patch_class_frequencies(run) -> None:

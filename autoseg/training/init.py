@@ -1,13 +1,14 @@
 """How a network's output heads start: as built (nnU-Net's He init) or at the class prior.
 
-With the He init the 1x1 heads start with random weights, so at step 0 each voxel's class
-probabilities are random and which foreground class first takes over the whole structure depends on
-the draw (docs/benchmarks.md: one class can stay at Dice 0 for hundreds of iterations). The prior
-init (Lin et al. 2017, "Focal loss", section 4.1, extended to zero weights) makes every head output
-the class frequencies of the training patches at step 0, the same for every voxel: no class starts
-ahead because of the draw, and the first steps learn what separates the classes instead of undoing
-the random start. The rest of the network keeps the He init; the draws are identical, so
-`--init nnunet` reproduces the old initial weights exactly.
+With the He init the 1x1 heads start with zero biases and random weights, so at step 0 every voxel is
+about equally likely to be any class while nearly all voxels are background: the first steps push
+everything to background, then the foreground is learnt as one structure given to whichever class the
+random head favours, and which class stays behind depends on the draw (docs/training.md). The prior
+init (Lin et al. 2017, "Focal loss", section 4.1) sets the head biases to the log class frequencies of
+the training patches, so the start is already near the prior; the head weights and the rest of the
+network keep the same He draws, so `--init nnunet` reproduces the old initial weights exactly.
+`prior_small` and `prior_zero` also shrink the head weights (measured slower: the body gets little
+gradient through small heads).
 
 Registered by name in `OUTPUT_INITS`; a model folder stores the name in training.json.
 """
@@ -22,11 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoseg.log import get_logger
 from autoseg.planning.contract import Configuration
 from autoseg.registry import Registry
 
+log = get_logger("training")
+
 #: Patches drawn (without augmentation) to measure the class frequencies the loss will see.
 FREQUENCY_PATCHES = 64
+#: Offset of the frequency draw's seed from the run's seed (its own stream, not the training batches').
+FREQUENCY_SEED_OFFSET = 17
 #: The smallest frequency a prior may take: a class not met in the drawn patches starts at this.
 MIN_FREQUENCY = 1e-3
 
@@ -76,11 +82,6 @@ def prior_zero_init(network: nn.Module, frequencies: Callable[[], np.ndarray], s
     _prior(network, frequencies, sigmoid, 0.0)
 
 
-def prior_bias_init(network: nn.Module, frequencies: Callable[[], np.ndarray], sigmoid: bool) -> None:
-    """Biases at the prior, He head weights unchanged."""
-    _prior(network, frequencies, sigmoid, 1.0)
-
-
 def prior_bias(frequencies: np.ndarray, *, sigmoid: bool) -> np.ndarray:
     """Bias whose softmax (or per-channel sigmoid) equals `frequencies`, floored at MIN_FREQUENCY."""
     f = np.clip(np.asarray(frequencies, dtype=np.float64), MIN_FREQUENCY, 1 - MIN_FREQUENCY)
@@ -117,3 +118,21 @@ def patch_class_frequencies(
         else:
             counts += [np.isin(labels, region).sum() for region in regions]
     return counts / max(total, 1)
+
+
+def initialise_outputs(
+    network: nn.Module, init: str, *, cache: str | Path, case_ids: Sequence[str], config: Configuration,
+    num_classes: int, batch_size: int, oversample: float, seed: int,
+    regions: Sequence[Sequence[int]] | None = None, ignore_label: int | None = None,
+) -> None:
+    """Apply the registered output init `init` to `network`'s heads; the class frequencies are measured
+    (patch_class_frequencies, from the run's `seed`) only when the init needs them."""
+    def frequencies() -> np.ndarray:
+        found = patch_class_frequencies(cache, case_ids, config, num_classes=num_classes, batch_size=batch_size,
+                                        oversample=oversample, seed=seed + FREQUENCY_SEED_OFFSET, regions=regions,
+                                        ignore_label=ignore_label)
+        log.info("output heads start at the class frequencies of %d training patches: %s", FREQUENCY_PATCHES,
+                 ", ".join(f"{f:.4f}" for f in found))
+        return found
+
+    OUTPUT_INITS.get(init)(network, frequencies, regions is not None)

@@ -72,11 +72,12 @@ def train_fold(run: FoldRun, settings: TrainingSettings, context: RuntimeContext
                ) -> TrainingState:
     """Train (or continue) one fold; returns the final state. Only rank 0 writes files."""
     fold_dir = run.folder.fold_dir(run.fold)
-    objects = build_training_objects(run, settings, context)
+    checkpoints = _resumable_checkpoints(run)
+    objects = build_training_objects(run, settings, context, initialise=not (resume and checkpoints))
     state = TrainingState()
     if resume:
-        state = _restore(run, objects, settings)
-    elif context.is_main and any(run.folder.checkpoint(run.fold, name).is_file() for name in ("latest", "final")):
+        state = _restore(run, objects, settings, checkpoints)
+    elif context.is_main and checkpoints:
         log.warning("fold %s already has checkpoints in %s: training it again from scratch (pass --continue to "
                     "resume instead)", run.fold, fold_dir)
     if state.epoch >= settings.epochs:
@@ -247,10 +248,14 @@ def _payload(run: FoldRun, objects: Any, state: TrainingState, settings: Trainin
     }
 
 
-def _restore(run: FoldRun, objects: Any, settings: TrainingSettings) -> TrainingState:
-    """The newest of latest/final checkpoints, into the objects; a fresh state when there is none."""
-    candidates = [run.folder.checkpoint(run.fold, n) for n in ("latest", "final")]
-    payloads = [load_checkpoint(p) for p in candidates if p.is_file()]
+def _resumable_checkpoints(run: FoldRun) -> list[Path]:
+    """The fold's checkpoint_latest.pt / checkpoint_final.pt that exist: what --continue starts from."""
+    return [path for path in (run.folder.checkpoint(run.fold, n) for n in ("latest", "final")) if path.is_file()]
+
+
+def _restore(run: FoldRun, objects: Any, settings: TrainingSettings, checkpoints: list[Path]) -> TrainingState:
+    """The newest of `checkpoints`, into the objects; a fresh state when there is none."""
+    payloads = [load_checkpoint(p) for p in checkpoints]
     if not payloads:
         log.info("no checkpoint to continue from in %s: starting fold %s from scratch",
                  run.folder.fold_dir(run.fold), run.fold)

@@ -13,7 +13,7 @@ from autoseg.log import get_logger
 from autoseg.model_folder import CheckpointError
 from autoseg.runtime.device import grad_scaler
 from autoseg.runtime.distributed import RuntimeContext, replicas_identical, unwrap_model, wrap_model
-from autoseg.training.init import FREQUENCY_PATCHES, OUTPUT_INITS, patch_class_frequencies
+from autoseg.training.init import initialise_outputs
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, RegionDiceBCELoss
 from autoseg.training.settings import TrainingSettings
 
@@ -48,12 +48,19 @@ class TrainingObjects:
             raise RuntimeError("DDP replicas diverged: the ranks hold different weights")
 
 
-def build_training_objects(run: FoldRun, settings: TrainingSettings, context: RuntimeContext) -> TrainingObjects:
+def build_training_objects(run: FoldRun, settings: TrainingSettings, context: RuntimeContext, *,
+                           initialise: bool = True) -> TrainingObjects:
+    """Network, optimizer, scaler and loss of a fold; `initialise=False` when a checkpoint will replace
+    the weights (the output init's frequency measurement is then skipped)."""
     from autoseg.model.build import build_network
 
     torch.manual_seed(settings.seed)  # the same initial weights for a seed, on every rank
     network = build_network(run.config.topology, in_channels=run.in_channels, num_classes=run.num_classes)
-    initialise_outputs(network, run, settings)
+    if initialise:
+        initialise_outputs(network, settings.init, cache=run.cache, case_ids=run.train_ids, config=run.config,
+                           num_classes=run.num_classes, batch_size=settings.batch_size or run.config.batch_size,
+                           oversample=settings.foreground_oversample, seed=settings.seed, regions=run.regions,
+                           ignore_label=run.ignore_label)
     network.deep_supervision = settings.deep_supervision
     network = network.to(context.device)
     if settings.channels_last:
@@ -65,20 +72,6 @@ def build_training_objects(run: FoldRun, settings: TrainingSettings, context: Ru
     n_outputs = run.config.topology.n_stages - 1 if settings.deep_supervision else 1
     return TrainingObjects(network=network, optimizer=optimizer, scaler=grad_scaler(context.device, context.amp_dtype),
                            loss=DeepSupervisionLoss(_base_loss(run, settings), max(n_outputs, 1)), context=context)
-
-
-def initialise_outputs(network: nn.Module, run: FoldRun, settings: TrainingSettings) -> None:
-    """Apply `settings.init` to the heads; the prior is measured on patches drawn as the loader draws them."""
-    def frequencies() -> Any:
-        found = patch_class_frequencies(
-            run.cache, run.train_ids, run.config, num_classes=run.num_classes,
-            batch_size=settings.batch_size or run.config.batch_size, oversample=settings.foreground_oversample,
-            seed=settings.seed + 17, regions=run.regions, ignore_label=run.ignore_label)
-        log.info("output heads start at the class frequencies of %d training patches: %s", FREQUENCY_PATCHES,
-                 ", ".join(f"{f:.4f}" for f in found))
-        return found
-
-    OUTPUT_INITS.get(settings.init)(network, frequencies, run.regions is not None)
 
 
 def _base_loss(run: FoldRun, settings: TrainingSettings) -> nn.Module:
