@@ -36,6 +36,8 @@ import numpy as np
 
 DEFAULT_RAW = Path(__file__).resolve().parents[2] / "shared" / "data"
 PASS_DICE, TARGET_DICE = 0.5, 0.75
+#: The real protocol's budget for result lines written before epochs/iterations were recorded.
+REAL_BUDGET = {"epochs": 1, "iterations": 250}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, object]]:
@@ -198,14 +200,16 @@ def run_real(args: argparse.Namespace) -> None:
     for text in args.variants:
         name, variant = parse_variant(text)
         for seed in parse_seeds(args.seeds):
+            iterations = args.iterations or 250
             key = {"protocol": "real", "variant": name, "overrides": variant, "seed": seed,
-                   "dataset": str(args.dataset)}
-            if any(all(r.get(k) == v for k, v in key.items()) for r in done_runs(args.out)):
+                   "dataset": str(args.dataset), "epochs": args.epochs, "iterations": iterations}
+            if any(all(r.get(k, REAL_BUDGET.get(k)) == v for k, v in key.items()) for r in done_runs(args.out)):
                 continue
-            results = args.work / f"results_{name}_{seed}"
+            budget = "" if (args.epochs, iterations) == (1, 250) else f"_{args.epochs}x{iterations}"
+            results = args.work / f"results_{name}_{seed}{budget}"
             flags = cli_flags(variant)
             command = [sys.executable, "-m", "autoseg", "train", str(args.dataset), args.configuration, "0",
-                       "--epochs", str(args.epochs), "--iterations-per-epoch", str(args.iterations),
+                       "--epochs", str(args.epochs), "--iterations-per-epoch", str(iterations),
                        "--seed", str(seed), *flags]
             print(" ".join(command), flush=True)
             started = time.perf_counter()
@@ -249,11 +253,14 @@ def table(runs: list[dict], at: int = 100) -> str:
         lines.append(f"\nevery class >= {TARGET_DICE} at iteration {at}: **{ok} of {len(rows)} seeds**")
     real = [r for r in runs if r["protocol"] == "real"]
     if real:
-        lines += ["\n| variant | seed | pseudo-Dice | validation Dice | s |", "|---|---|---|---|---|"]
+        lines += ["\n| variant | seed | epochs x iterations | pseudo-Dice | validation Dice | s |",
+                  "|---|---|---|---|---|---|"]
         for r in real:
+            budget = {k: r.get(k, v) for k, v in REAL_BUDGET.items()}
             pseudo = " / ".join(f"{v:.3f}" for v in r["pseudo_dice"].values() if v is not None)
             validation = " / ".join(f"{v:.3f}" for v in r["validation_dice"].values() if v is not None)
-            lines.append(f"| {r['variant']} `{r['overrides']}` | {r['seed']} | {pseudo} | {validation} | "
+            lines.append(f"| {r['variant']} `{r['overrides']}` | {r['seed']} | {budget['epochs']} x "
+                         f"{budget['iterations']} | {pseudo} | {validation} | "
                          f"{r['seconds']:.0f} |")
     return "\n".join(lines)
 
