@@ -29,6 +29,7 @@ from torch import nn
 from autoseg.model.size import feature_map_elements, parameter_count
 from autoseg.planning.memory import estimate_memory_gb
 from autoseg.runtime.device import amp_dtype, autocast
+from autoseg.training.setup import CompiledNetwork
 from autoseg.training.steps import train_step
 
 GRAD_CLIP = 12.0  # TrainingSettings' default
@@ -95,15 +96,15 @@ def train_steps(check: Check) -> dict[str, Any]:
 def _measure_variant(check: Check, case: PlanCase, name: str) -> dict[str, Any]:
     variant, timing = VARIANTS[name], _timing(check)
     previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = variant.cudnn_benchmark
     try:
         amp = DTYPES[variant.amp]
         objects = training_objects(check, case, amp=amp, channels_last=variant.channels_last,
                                    compile=variant.compile)
+        torch.backends.cudnn.benchmark = variant.cudnn_benchmark  # after setup, which turns it on for CUDA
         step = _step_call(objects, synthetic_batch(check, case, channels_last=variant.channels_last), amp)
         if check.cuda:
             torch.cuda.reset_peak_memory_stats(check.device)
-        first = _first_step(check, step, compiled=hasattr(objects.network, "_orig_mod"))
+        first = per_call(check, step, min_calls=1, min_seconds=0.0)[0]  # a compiled network compiles here
         for _ in range(timing["warmup"]):
             step()
         seconds, calls, loss = per_call(check, step, min_calls=timing["min_calls"],
@@ -112,28 +113,18 @@ def _measure_variant(check: Check, case: PlanCase, name: str) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = previous
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss is {loss} after {calls + timing['warmup'] + 1} steps")
-    compiled = hasattr(objects.network, "_orig_mod")
+    compiled = isinstance(objects.network, CompiledNetwork) and bool(objects.network._compiled)
     peak = torch.cuda.max_memory_allocated(check.device) if check.cuda else None
     if name == "bf16":
         check.state.setdefault("step_rate", {})[case.label] = 1.0 / seconds
-    note = "" if compiled or not variant.compile else "; not compiled (autoseg compiles on CUDA only)"
+    note = "" if compiled or not variant.compile else (
+        "; compile failed at the first step, autoseg fell back to eager (see the log)" if check.cuda
+        else "; not compiled (autoseg compiles on CUDA only)")
     memory = f", peak {gib(peak):.2f} GiB" if peak is not None else ""
     return row(f"{case.shape}, {name}", f"{1.0 / seconds:.2f} it/s",
                f"{seconds * 1e3:.1f} ms/step over {calls} steps, first step {first:.2f} s{memory}{note}",
                it_per_s=1.0 / seconds, step_s=seconds, first_step_s=first, steps=calls, loss=loss,
                compiled=compiled, peak_allocated_gb=None if peak is None else gib(peak))
-
-
-def _first_step(check: Check, step: Callable[[], float], *, compiled: bool) -> float:
-    """Seconds of the first step (a compiled network compiles here), with a clear reason when compiling fails."""
-    try:
-        return per_call(check, step, min_calls=1, min_seconds=0.0)[0]
-    except Exception as err:
-        if not compiled:
-            raise
-        raise RuntimeError(f"torch.compile failed at the first step ({type(err).__name__}: {str(err)[:200]}); "
-                           "autoseg's fallback (training/setup.py _maybe_compile) guards only the lazy "
-                           "torch.compile() call, so `autoseg train --compile` would stop here") from err
 
 
 # ---------------------------------------------------------------- memory estimate

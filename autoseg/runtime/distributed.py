@@ -106,7 +106,16 @@ def wrap_model(model: Any, context: RuntimeContext, *, find_unused: bool = False
 
 
 def unwrap_model(model: Any) -> Any:
-    return getattr(model, "module", model)
+    """The plain network inside DDP (`.module`), torch.compile (`._orig_mod`) or autoseg's
+    compile fallback (`.module`), however nested: what checkpoints save and load."""
+    from torch import nn
+
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None) if inner is None else inner
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def shutdown(context: RuntimeContext) -> None:

@@ -63,6 +63,8 @@ def build_training_objects(run: FoldRun, settings: TrainingSettings, context: Ru
                            ignore_label=run.ignore_label)
     network.deep_supervision = settings.deep_supervision
     network = network.to(context.device)
+    if context.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed patch shapes: let cuDNN pick its fastest kernels once
     if settings.channels_last:
         network = network.to(memory_format=torch.channels_last_3d if run.config.dim == 3 else torch.channels_last)
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
@@ -88,10 +90,42 @@ def _maybe_compile(network: nn.Module, settings: TrainingSettings, context: Runt
         log.info("--compile is ignored on %s (it pays off on CUDA only)", context.device.type)
         return network
     try:
-        return torch.compile(network)  # type: ignore[return-value]
+        return CompiledNetwork(network)
     except Exception as err:  # an unsupported GPU or a missing compiler: train uncompiled
         log.warning("torch.compile failed (%s): training without it", err)
         return network
+
+
+class CompiledNetwork(nn.Module):
+    """`network` run through torch.compile, falling back to eager if its first forward pass fails.
+
+    torch.compile compiles lazily, at the first call, so a missing compiler or an unsupported GPU fails
+    there and not in torch.compile(): the run then goes on uncompiled with a warning. Failures after a
+    successful first call are real errors and are raised. `module` is the network itself, so
+    `unwrap_model` (checkpoints) sees plain parameter names; the compiled callable is kept out of the
+    module tree so the parameters are not listed twice.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.module = network
+        self._compiled: list[Any] = [torch.compile(network)]
+        self._first_call = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._compiled:
+            return self.module(*args, **kwargs)
+        if not self._first_call:
+            return self._compiled[0](*args, **kwargs)
+        try:
+            output = self._compiled[0](*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: fall back, say why
+            log.warning("torch.compile failed at the first step (%s: %s): training without it",
+                        type(err).__name__, err)
+            self._compiled.clear()
+            return self.module(*args, **kwargs)
+        self._first_call = False
+        return output
 
 
 def require_cache(run: FoldRun) -> None:
