@@ -17,18 +17,25 @@ from autoseg.log import get_logger, is_main_rank
 from autoseg.model_folder import ModelFolder
 from autoseg.paths import DatasetLocation, data_root, resolve_dataset
 from autoseg.planning.contract import Plans
+from autoseg.planning.identifier import (
+    DEFAULT_PLANS,
+    plan_flags,
+    plans_file_name,
+    plans_identifier,
+    resolve_identifier,
+)
 from autoseg.serialization import atomic_write, load_contract, save_contract
 
 if TYPE_CHECKING:
     from autoseg.evaluation import BestChoice, EvaluationSummary
     from autoseg.inference import PredictOptions, PredictReport
+    from autoseg.planning.networks import NetworkSummary
     from autoseg.sharing import ArchiveManifest, InstalledModel
     from autoseg.sharing.onnx_export import OnnxExport
 
 log = get_logger("api")
 
 FINGERPRINT_FILE = "fingerprint.json"
-PLANS_FILE = "plans.json"
 
 
 def example_dataset(
@@ -80,27 +87,44 @@ def _fingerprint(location: DatasetLocation, parsed: Dataset, *, workers: int, fo
 
 
 def plan(
-    dataset: str | Path, *, memory_budget_gb: float = 8.0, workers: int = 1, force: bool = False
+    dataset: str | Path, *, memory_budget_gb: float = 8.0, workers: int = 1, force: bool = False,
+    network: str = "unet", upsampling: str | None = None,
 ) -> Plans:
-    """Plan every configuration for `dataset` and write plans.json beside the fingerprint."""
+    """Plan every configuration of `network` for `dataset` and write its plans beside the fingerprint:
+    plans.json for the default U-Net, plans__IDENTIFIER.json for another family or upsampling."""
     from autoseg.planning import plan as make_plans
 
     location = resolve_dataset(dataset)
     parsed = load(location.raw)
     fp = _fingerprint(location, parsed, workers=workers, force=force, spec=dataset)
-    result = make_plans(fp, parsed, memory_budget_gb=memory_budget_gb)
-    save_contract(plans_path(location), result)
+    identifier = plans_identifier(network, upsampling)
+    result = make_plans(fp, parsed, memory_budget_gb=memory_budget_gb, network=network, upsampling=upsampling)
+    save_contract(plans_path(location, identifier), result)
     atomic_write(location.preprocessed / "dataset.json",
                  lambda tmp: shutil.copyfile(Path(parsed.root) / "dataset.json", tmp))
-    log.info("wrote %s", plans_path(location))
+    log.info("wrote %s", plans_path(location, identifier))
     return result
+
+
+def networks(dataset: str | Path | None = None, *, memory_budget_gb: float = 8.0, workers: int = 1
+             ) -> list[NetworkSummary]:
+    """Every network family; with a dataset, each planned for it (parameters, receptive field, memory)."""
+    from autoseg.planning.networks import network_summaries
+
+    if dataset is None:
+        return network_summaries()
+    location = resolve_dataset(dataset)
+    parsed = load(location.raw)
+    fp = _fingerprint(location, parsed, workers=workers, force=False, spec=dataset)
+    return network_summaries(fp, parsed, memory_budget_gb=memory_budget_gb)
 
 
 def preprocess(
     dataset: str | Path, *, configurations: tuple[str, ...] = ("3d_fullres",), workers: int = 1,
-    overwrite: bool = False,
+    overwrite: bool = False, plans_name: str | None = None,
 ) -> dict[str, Path]:
-    """Preprocess the dataset for the planned configurations; returns configuration -> cache folder.
+    """Preprocess the dataset for the planned configurations (of plans identifier `plans_name`, default
+    the default plans); returns configuration -> cache folder, shared by identifiers with equal arrays.
 
     Needs `plan` first. Finished cases are skipped unless `overwrite`; an interrupted run resumes.
     """
@@ -108,7 +132,7 @@ def preprocess(
     from autoseg.preprocessing.run import preprocess_dataset
 
     location = resolve_dataset(dataset)
-    plans = load_plans(location.raw)
+    plans = load_plans(location.raw, plans_name)
     parsed = load(location.raw)
     if plans.fingerprint_hash != dataset_hash(parsed):
         log.warning("the raw dataset changed since it was planned: consider `autoseg plan %s --force`", dataset)
@@ -118,9 +142,10 @@ def preprocess(
 
 def train(
     dataset: str | Path, configuration: str, fold: int | str, *, overrides: dict[str, Any] | None = None,
-    device: str = "auto", resume: bool = False, validate: bool = True,
+    device: str = "auto", resume: bool = False, validate: bool = True, plans_name: str | None = None,
 ) -> Path:
-    """Train one fold of one configuration; returns the model folder.
+    """Train one fold of one configuration of plans identifier `plans_name`; returns the model folder
+    (CONFIGURATION__IDENTIFIER).
 
     `overrides` sets TrainingSettings fields (epochs, initial_lr, ...). With `resume`, the stored
     settings of the run are the base, so `--continue --epochs 2000` extends a finished run. With
@@ -130,14 +155,14 @@ def train(
     from autoseg.training.job import train_one_fold
 
     location = resolve_dataset(dataset)
-    folder = train_one_fold(location, load(location.raw), load_plans(location.raw), configuration, fold,
-                            overrides=overrides or {}, device=device, resume=resume)
+    folder = train_one_fold(location, load(location.raw), load_plans(location.raw, plans_name), configuration,
+                            fold, overrides=overrides or {}, device=device, resume=resume)
     if validate and is_main_rank():
         if resume and _validation_is_current(ModelFolder(folder), fold):
             log.info("fold %s: validation/summary.json is newer than checkpoint_final.pt, not validating again "
                      "(delete it to redo)", fold)
         else:
-            validate_fold(dataset, configuration, fold, device=device)
+            validate_fold(dataset, configuration, fold, device=device, plans_name=plans_name)
     return folder
 
 
@@ -148,7 +173,7 @@ def _validation_is_current(folder: ModelFolder, fold: int | str) -> bool:
 
 
 def validate_fold(dataset: str | Path, configuration: str, fold: int | str, *, device: str = "auto",
-                  save_probabilities: bool = True) -> EvaluationSummary | None:
+                  save_probabilities: bool = True, plans_name: str | None = None) -> EvaluationSummary | None:
     """Predict a trained fold's validation cases (from the cache) and evaluate them against labelsTr."""
     from autoseg.evaluation import evaluate_folder
     from autoseg.inference.validation import predict_validation
@@ -156,7 +181,7 @@ def validate_fold(dataset: str | Path, configuration: str, fold: int | str, *, d
 
     location = resolve_dataset(dataset)
     parsed = load(location.raw)
-    run = fold_run(location, parsed, load_plans(location.raw), configuration, fold)
+    run = fold_run(location, parsed, load_plans(location.raw, plans_name), configuration, fold)
     if not run.val_ids:
         log.info("fold %s has no validation cases: nothing to validate", fold)
         return None
@@ -167,9 +192,9 @@ def validate_fold(dataset: str | Path, configuration: str, fold: int | str, *, d
                            file_ending=parsed.file_ending, ignore_label=parsed.ignore_label, cases=run.val_ids)
 
 
-def model_folder(dataset: str | Path, configuration: str, plans_name: str = "autoseg") -> Path:
-    """Where `autoseg train` put (or will put) a configuration's model folder."""
-    return _results_folder(dataset) / f"{configuration}__{plans_name}"
+def model_folder(dataset: str | Path, configuration: str, plans_name: str = DEFAULT_PLANS) -> Path:
+    """Where `autoseg train` put (or will put) a configuration's model folder: CONFIGURATION__IDENTIFIER."""
+    return _results_folder(dataset) / f"{configuration}__{resolve_identifier(plans_name)}"
 
 
 def _chosen_model(model: str | Path | None, dataset: str | Path | None, configuration: str, plans_name: str) -> Path:
@@ -261,7 +286,7 @@ def export_model(dataset: str | Path, output: str | Path, *, configurations: lis
     from autoseg.sharing import export_model as export
 
     return export(_results_folder(dataset), Path(output), configurations=configurations, folds=folds,
-                  checkpoint=checkpoint, plans_name=plans_name)
+                  checkpoint=checkpoint, plans_name=resolve_identifier(plans_name))
 
 
 def install_model(archive: str | Path, *, results: str | Path | None = None, overwrite: bool = False
@@ -315,15 +340,20 @@ def postprocess(source: str | Path, output: str | Path, rules: str | Path, *, ov
 
 
 def find_best(dataset: str | Path, *, configurations: list[str] | None = None, allow_ensembles: bool = True,
-              workers: int = 1) -> BestChoice:
-    """Choose the best configuration or pair ensemble from the cross-validation, and its postprocessing."""
+              workers: int = 1, plans_names: list[str] | None = None) -> BestChoice:
+    """Choose the best configuration or pair ensemble from the cross-validation, and its postprocessing.
+
+    Candidates: the model folders of every plans identifier (pairs across identifiers included), or
+    of `plans_names` only; `configurations` are folder names or configuration names.
+    """
     from autoseg.evaluation import find_best as choose
 
     location = resolve_dataset(dataset)
     parsed = load(location.raw)
     return choose(location.results, location.raw / "labelsTr", parsed.foreground_labels,
                   file_ending=parsed.file_ending, ignore_label=parsed.ignore_label, configurations=configurations,
-                  allow_ensembles=allow_ensembles, workers=workers)
+                  allow_ensembles=allow_ensembles, workers=workers,
+                  plans_names=[resolve_identifier(p) for p in plans_names] if plans_names else None)
 
 
 def _evaluation_labels(predictions: Path, dataset: str | Path | None) -> tuple[tuple[LabelDef, ...], int | None]:
@@ -350,14 +380,18 @@ def _common_ending(folder: Path) -> str:
     return endings.most_common(1)[0][0]
 
 
-def plans_path(location: DatasetLocation) -> Path:
-    return location.preprocessed / PLANS_FILE
+def plans_path(location: DatasetLocation, plans_name: str | None = None) -> Path:
+    """plans.json (default plans) or plans__IDENTIFIER.json in the dataset's preprocessed folder."""
+    return location.preprocessed / plans_file_name(resolve_identifier(plans_name))
 
 
-def load_plans(dataset: str | Path) -> Plans:
-    """Read the plans written by `plan`."""
+def load_plans(dataset: str | Path, plans_name: str | None = None) -> Plans:
+    """Read the plans `plan` wrote for plans identifier `plans_name` (None: the default plans)."""
     location = resolve_dataset(dataset)
-    path = plans_path(location)
+    path = plans_path(location, plans_name)
     if not path.is_file():
-        raise PlanError("the dataset has not been planned yet", path=path, hint=f"run `autoseg plan {dataset}` first")
+        command = f"autoseg plan {dataset} {plan_flags(resolve_identifier(plans_name))}".strip()
+        others = sorted(p.name for p in location.preprocessed.glob("plans*.json"))
+        raise PlanError("the dataset has not been planned for these plans yet", path=path,
+                        hint=f"run `{command}` first" + (f" (planned: {', '.join(others)})" if others else ""))
     return load_contract(path, Plans, rerun=f"autoseg plan {dataset}")

@@ -40,6 +40,10 @@ app = typer.Typer(
 DatasetArg = Annotated[str, typer.Argument(help="Dataset id (4), name (Dataset004_Hippocampus) or folder path.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-j", min=1, help="Parallel worker processes.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute the fingerprint even if cached.")]
+PlansOpt = Annotated[str | None, typer.Option("--plans", "-p", help=(
+    "Plans identifier: the network of `autoseg plan --network NAME` (e.g. resenc). Default: the default "
+    "plans (plans.json, the U-Net)."))]
+BudgetOpt = Annotated[float, typer.Option("--gpu-memory-gb", min=1.0, help="GPU memory budget for training, GiB.")]
 
 
 def _console(stderr: bool = False):
@@ -155,21 +159,51 @@ def fingerprint_command(
 def plan_command(
     ctx: typer.Context,
     dataset: DatasetArg,
-    gpu_memory_gb: Annotated[float, typer.Option("--gpu-memory-gb", min=1.0,
-                                                 help="GPU memory budget for training, GiB.")] = 8.0,
+    gpu_memory_gb: BudgetOpt = 8.0,
     workers: WorkersOpt = 2,
     force: ForceOpt = False,
+    network: Annotated[str, typer.Option("--network", help=(
+        "Network family to plan (`list` prints them). Another family than unet writes plans__NAME.json, "
+        "selected later with -p NAME."))] = "unet",
+    upsampling: Annotated[str | None, typer.Option("--upsampling", help=(
+        "Decoder upsampling: transposed_conv (default), interp_conv or pixel_shuffle."))] = None,
 ) -> None:
-    """Plan the 2d / 3d_fullres (/ 3d_lowres / 3d_cascade_fullres) configurations and write plans.json."""
+    """Plan the 2d / 3d_fullres (/ 3d_lowres / 3d_cascade_fullres) configurations and write plans.json
+    (plans__IDENTIFIER.json for another network family or upsampling)."""
     from autoseg import api
     from autoseg.cli_tables import plans_table
 
-    plans = api.plan(dataset, memory_budget_gb=gpu_memory_gb, workers=workers, force=force)
+    if network.lower() == "list":
+        _print_networks(dataset, gpu_memory_gb, workers)
+        return
+    plans = api.plan(dataset, memory_budget_gb=gpu_memory_gb, workers=workers, force=force, network=network,
+                     upsampling=upsampling)
     console = _console()
     table, notes = plans_table(plans)
     console.print(table)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+
+
+@app.command("networks")
+@guarded
+def networks_command(
+    ctx: typer.Context,
+    dataset: Annotated[str | None, typer.Argument(help=(
+        "Dataset to size each family for (parameters, receptive field, memory); optional."))] = None,
+    gpu_memory_gb: BudgetOpt = 8.0,
+    workers: WorkersOpt = 2,
+) -> None:
+    """List the network families `autoseg plan --network NAME` accepts, one line each (docs/networks.md)."""
+    _print_networks(dataset, gpu_memory_gb, workers)
+
+
+def _print_networks(dataset: str | None, gpu_memory_gb: float, workers: int) -> None:
+    from autoseg import api
+    from autoseg.cli_tables import network_lines
+
+    for line in network_lines(api.networks(dataset, memory_budget_gb=gpu_memory_gb, workers=workers)):
+        _console().print(line, soft_wrap=True, markup=False)
 
 
 @app.command("preprocess", context_settings={"allow_extra_args": True})
@@ -182,6 +216,7 @@ def preprocess_command(
         "Default 3d_fullres (2d for 2D data).")] = None,
     workers: WorkersOpt = 2,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished cases too.")] = False,
+    plans_name: PlansOpt = None,
 ) -> None:
     """Crop, normalise and resample every case into the cache the trainer reads (resumable).
 
@@ -190,10 +225,11 @@ def preprocess_command(
     """
     from autoseg import api
 
-    plans = api.load_plans(dataset)
+    plans = api.load_plans(dataset, plans_name)
     given = list(configurations or []) + list(ctx.args)  # nnU-Net style lists: -c 2d 3d_fullres
     names = tuple(given or (["3d_fullres"] if "3d_fullres" in plans.configurations else ["2d"]))
-    folders = api.preprocess(dataset, configurations=names, workers=workers, overwrite=overwrite)
+    folders = api.preprocess(dataset, configurations=names, workers=workers, overwrite=overwrite,
+                             plans_name=plans_name)
     for name, folder in folders.items():
         _console().print(f"{name}: {folder}", soft_wrap=True)
 
@@ -234,6 +270,7 @@ def train_command(
         "Continue from the last checkpoint; with a larger --epochs, extend a finished run."))] = False,
     validate: Annotated[bool, typer.Option("--validate/--no-validate", help=(
         "At the end, predict the fold's validation cases with full sliding windows and evaluate them."))] = True,
+    plans_name: PlansOpt = None,
 ) -> None:
     """Train one fold of one configuration; writes the model folder under AUTOSEG_RESULTS.
 
@@ -248,7 +285,7 @@ def train_command(
     overrides = {key: value for key, value in given.items() if value is not None}
     fold_value: int | str = int(fold) if fold.isdigit() else fold
     folder = api.train(dataset, configuration, fold_value, overrides=overrides, device=device, resume=resume,
-                       validate=validate)
+                       validate=validate, plans_name=plans_name)
     _console().print(f"model folder: {folder}", soft_wrap=True)
     summary_file = folder / f"fold_{fold_value}" / "validation" / "summary.json"
     if validate and summary_file.is_file():

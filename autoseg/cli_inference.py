@@ -26,7 +26,8 @@ def predict_command(
     folds: Annotated[list[str] | None, typer.Option("--folds", "-f", help=FOLD_HELP)] = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help=(
         "A model folder (<config>__<plans>) anywhere on disk, instead of -d/-c."))] = None,
-    plans_name: Annotated[str, typer.Option("--plans", help="Plans name of the model folder.")] = "autoseg",
+    plans_name: Annotated[str, typer.Option("--plans", "-p", help=(
+        "Plans identifier of the model folder (<config>__<plans>), e.g. resenc."))] = "autoseg",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="final, best or latest.")] = "final",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation (8x work in 3D).")
@@ -154,9 +155,12 @@ def find_best_command(
     ensembles: Annotated[bool, typer.Option("--ensembles/--no-ensembles", help="Also try pairs of configurations.")
                          ] = True,
     workers: WorkersOpt = 2,
+    plans_names: Annotated[list[str] | None, typer.Option("--plans", "-p", help=(
+        "Only the model folders of these plans identifiers (repeat -p). Default: every identifier."))] = None,
 ) -> None:
-    """Pick the best configuration (or pair ensemble) by cross-validation Dice, decide postprocessing,
-    and print the commands that reproduce it on new scans (also saved as inference_instructions.txt).
+    """Pick the best configuration (or pair ensemble, across network families too) by cross-validation Dice,
+    decide postprocessing, and print the commands that reproduce it on new scans (also saved as
+    inference_instructions.txt).
 
     Needs every fold of a configuration trained (`autoseg train DATASET CONFIG 0` ... 4).
     """
@@ -164,5 +168,6 @@ def find_best_command(
     from autoseg.evaluation import inference_instructions
 
     names = list(configurations or []) + list(ctx.args) or None  # nnU-Net style lists: -c 2d 3d_fullres
-    choice = api.find_best(dataset, configurations=names, allow_ensembles=ensembles, workers=workers)
+    choice = api.find_best(dataset, configurations=names, allow_ensembles=ensembles, workers=workers,
+                           plans_names=plans_names)
     _console().print(inference_instructions(choice), soft_wrap=True, markup=False)

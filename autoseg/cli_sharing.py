@@ -23,7 +23,8 @@ def export_model_command(
         "Configuration(s) to pack: -c 3d_fullres, or -c 2d 3d_fullres. A cascade brings its 3d_lowres along."))],
     folds: Annotated[list[str] | None, typer.Option("--folds", "-f", help=FOLD_HELP)] = None,
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="final, best or latest.")] = "final",
-    plans_name: Annotated[str, typer.Option("--plans", help="Plans name of the model folders.")] = "autoseg",
+    plans_name: Annotated[str, typer.Option("--plans", "-p", help=(
+        "Plans identifier of the model folders, e.g. resenc."))] = "autoseg",
 ) -> None:
     """Pack trained models into one zip for another machine or lab: plans, labels, settings, the
     network weights of the chosen folds (no optimizer state) and find-best's postprocessing rules.
@@ -72,8 +73,9 @@ def install_model_command(
     # predict -d looks under AUTOSEG_RESULTS: elsewhere, the model folder itself has to be named
     in_default_root = installed.results.parent.resolve() == data_root("results").resolve()
     for model in installed.manifest.models:
-        where = (f"-d {installed.manifest.dataset} -c {model.configuration}" if in_default_root
-                 else f"-m {installed.model_folder(model.configuration)}")
+        plans = model.folder.rsplit("__", 1)[1]
+        where = (f"-d {installed.manifest.dataset} -c {model.configuration}" + ("" if plans == "autoseg" else
+                 f" -p {plans}") if in_default_root else f"-m {installed.results / model.folder}")
         console.print(f"  autoseg predict -i INPUT -o OUTPUT {where} --checkpoint {installed.manifest.checkpoint}",
                       soft_wrap=True, markup=False)
     if installed.postprocessing is not None:
@@ -93,7 +95,8 @@ def export_onnx_command(
     model: Annotated[Path | None, typer.Option("--model", "-m", help="A model folder instead of -d/-c.")] = None,
     fold: Annotated[str, typer.Option("--fold", "-f", help="The fold whose network to export.")] = "0",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="final, best or latest.")] = "final",
-    plans_name: Annotated[str, typer.Option("--plans", help="Plans name of the model folder.")] = "autoseg",
+    plans_name: Annotated[str, typer.Option("--plans", "-p", help=(
+        "Plans identifier of the model folder, e.g. resenc."))] = "autoseg",
     opset: Annotated[int | None, typer.Option("--opset", min=7, help="ONNX opset (default: torch's choice).")
                      ] = None,
     check: Annotated[bool, typer.Option("--check/--no-check", help=(

@@ -10,6 +10,7 @@ from rich.table import Table
 from autoseg.evaluation.contract import EvaluationSummary
 from autoseg.fingerprint.contract import Fingerprint
 from autoseg.planning.contract import Plans
+from autoseg.planning.networks import NetworkSummary
 from autoseg.runtime.report import EnvironmentReport
 
 
@@ -94,3 +95,20 @@ def environment_table(report: EnvironmentReport) -> Table:
     for name, value in report.job.items():
         table.add_row(name, value)
     return table
+
+
+
+def network_lines(summaries: list[NetworkSummary]) -> list[str]:
+    """`autoseg networks`: one line per family, with its size for the dataset when one was given."""
+    width = max((len(s.name) for s in summaries), default=0)
+    lines = []
+    for s in summaries:
+        line = f"{s.name:<{width}}  {s.description}"
+        if s.problem:
+            line += f" | cannot be planned: {s.problem}"
+        elif s.configuration:
+            line += (f" | {s.configuration}: {(s.parameters or 0) / 1e6:.2f} M parameters, receptive field "
+                     f"{_fmt(s.receptive_field)} voxels ({_fmt(s.receptive_field_mm)} mm), "
+                     f"{s.estimated_memory_gb or 0:.2f} GiB")
+        lines.append(line)
+    return lines

@@ -33,6 +33,10 @@ class Registry(Generic[T]):
 
         return add
 
+    def remove(self, name: str) -> None:
+        """Forget `name` (for tests that register a temporary item); unknown names are ignored."""
+        self._items.pop(name.lower(), None)
+
     def get(self, name: str) -> T:
         key = name.lower()
         if key in self._items:

@@ -59,3 +59,16 @@ def roots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     for kind in ("RAW", "PREPROCESSED", "RESULTS"):
         monkeypatch.setenv(f"AUTOSEG_{kind}", str(tmp_path / kind.lower()))
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-tensor tests: thread start-up and contention with other
+    processes cost more than they save (3x here; 20x and more on a loaded machine)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+

@@ -10,6 +10,7 @@ import torch
 from autoseg.dataset.load import load_dataset
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.model.build import build_network
+from autoseg.model.contract import Topology
 from autoseg.model_folder import ModelFolder, save_checkpoint
 from autoseg.planning import plan
 from autoseg.planning.contract import Plans
@@ -37,3 +38,31 @@ def make_model_folder(root: Path, example_dataset: Path, configuration: str = "3
         save_checkpoint(folder.checkpoint(fold, "final"), {"network": network.state_dict(), "epoch": 1,
                                                            "mirror_axes": list(range(small.dim))})
     return folder
+
+
+def field_extents(topology: Topology, size: tuple[int, ...], *, axis: int) -> list[int]:
+    """Nonzero extent along `axis` of d(one output voxel)/d(input), for each voxel position in one
+    total-stride period along that axis (one batch element each). Positive weights and inputs,
+    batch norm in eval mode (a per-channel affine, unlike instance norm which couples all voxels)."""
+    topology = dataclasses.replace(topology, norm="batch", deep_supervision=False)
+    net = build_network(topology, in_channels=1, num_classes=1).double().eval()
+    net.deep_supervision = False
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.copy_(torch.rand_like(parameter) * 0.5 + 0.1)
+    period = topology.total_stride[axis]
+    x = (torch.rand(period, 1, *size, dtype=torch.float64) + 0.5).requires_grad_(True)
+    out = net(x)
+    centre = [n // 2 for n in size]
+    picked = []
+    for b in range(period):
+        position = list(centre)
+        position[axis] += b
+        picked.append(out[(b, 0, *position)])
+    torch.stack(picked).sum().backward()
+    extents = []
+    for b in range(period):
+        nonzero = x.grad[b, 0].ne(0).movedim(axis, 0).flatten(1).any(1).nonzero()[:, 0]
+        assert nonzero.min() > 0 and nonzero.max() < size[axis] - 1, "field clipped: use a larger input"
+        extents.append(int(nonzero.max() - nonzero.min() + 1))
+    return extents

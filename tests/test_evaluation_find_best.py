@@ -171,3 +171,27 @@ def test_a_missing_fold_names_the_fold_and_the_fix(tmp_path: Path, caplog: pytes
     with caplog.at_level(logging.INFO, logger="autoseg"):
         choice = _find_best(results, labels_tr)  # by default, incomplete configurations are left out
     assert [c.name for c in choice.candidates] == [BETTER] and "not a candidate" in caplog.text
+
+
+def test_every_plans_identifier_competes_and_pairs_cross_families(tmp_path: Path) -> None:
+    """Model folders of two plans identifiers (network families): all compete, ensembles mix them, and
+    `plans_names` restricts the candidates to some identifiers."""
+    other = "2d__resenc"
+    results, labels_tr = _tree(tmp_path, (WORSE, BETTER, other))
+    choice = _find_best(results, labels_tr)
+    names = [c.name for c in choice.candidates]
+    assert names[:3] == [WORSE, other, BETTER] and f"ensemble__{other}__{BETTER}" in names
+    assert len(names) == 6 and all(c.dice is not None for c in choice.candidates)
+    assert choice.chosen == (other,)  # the best single (ties: singles first)
+    assert "-c 2d --plans resenc\n" in (results / "inference_instructions.txt").read_text()
+    only = _find_best(results, labels_tr, plans_names=["resenc"], allow_ensembles=False)
+    assert [c.name for c in only.candidates] == [other]
+    with pytest.raises(EvaluationError, match="matches 2 model folders"):
+        _find_best(results, labels_tr, configurations=["2d"])
+    chosen = _find_best(results, labels_tr, configurations=["2d"], plans_names=["autoseg"], allow_ensembles=False)
+    assert [c.name for c in chosen.candidates] == [WORSE]
+    for path in (results / other / "fold_1" / "validation").iterdir():
+        path.unlink()
+    with pytest.raises(EvaluationError, match="fold 1") as err:
+        _find_best(results, labels_tr, configurations=[other])
+    assert err.value.hint.endswith(f"autoseg train {DATASET} 2d -p resenc 1")

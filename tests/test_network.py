@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
+from model_builders import field_extents
 from torch import nn
 
 from autoseg.errors import SettingsError
 from autoseg.model import Topology, parameter_count, receptive_field
 from autoseg.model.blocks import BasicBlock, ConvNormAct, pixel_shuffle, pixel_unshuffle
-from autoseg.model.build import ARCHITECTURES, build_network, count_parameters
+from autoseg.model.build import build_network, count_parameters
+from autoseg.model.families import NETWORKS
 from autoseg.model.unet import InterpConvUp, PixelShuffleUp, init_weights
 
 UPSAMPLING = ("transposed_conv", "interp_conv", "pixel_shuffle")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """These tensors are tiny: thread start-up and contention cost more than they save (3x here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(dim: int, **changes: object) -> Topology:
@@ -144,33 +140,6 @@ def test_resenc_parameters_by_hand() -> None:
         parameter_count(topology, in_channels=1, num_classes=3)
 
 
-def _field_extents(topology: Topology, size: tuple[int, ...], *, axis: int) -> list[int]:
-    """Nonzero extent along `axis` of d(one output voxel)/d(input), for each voxel position in one
-    total-stride period along that axis (one batch element each). Positive weights and inputs,
-    batch norm in eval mode (a per-channel affine, unlike instance norm which couples all voxels)."""
-    topology = dataclasses.replace(topology, norm="batch", deep_supervision=False)
-    net = build_network(topology, in_channels=1, num_classes=1).double().eval()
-    with torch.no_grad():
-        for parameter in net.parameters():
-            parameter.copy_(torch.rand_like(parameter) * 0.5 + 0.1)
-    period = topology.total_stride[axis]
-    x = (torch.rand(period, 1, *size, dtype=torch.float64) + 0.5).requires_grad_(True)
-    out = net(x)
-    centre = [n // 2 for n in size]
-    picked = []
-    for b in range(period):
-        position = list(centre)
-        position[axis] += b
-        picked.append(out[(b, 0, *position)])
-    torch.stack(picked).sum().backward()
-    extents = []
-    for b in range(period):
-        nonzero = x.grad[b, 0].ne(0).movedim(axis, 0).flatten(1).any(1).nonzero()[:, 0]
-        assert nonzero.min() > 0 and nonzero.max() < size[axis] - 1, "field clipped: use a larger input"
-        extents.append(int(nonzero.max() - nonzero.min() + 1))
-    return extents
-
-
 @pytest.mark.parametrize(
     ("topology", "size", "axis", "extents"),
     [
@@ -188,7 +157,7 @@ def test_receptive_field_is_the_mean_field_over_a_stride_period(
 ) -> None:
     """The exact field of one output voxel can depend on its position modulo the total stride
     (the Hippocampus plan: 71 or 79 voxels); `receptive_field` is their mean (75)."""
-    measured = _field_extents(topology, size, axis=axis)
+    measured = field_extents(topology, size, axis=axis)
     assert set(measured) == extents
     assert sum(measured) / len(measured) == receptive_field(topology)[axis]
 
@@ -280,7 +249,7 @@ def test_checkerboard_free_upsampling_starts_blockwise_constant(module: type[nn.
 
 
 def test_unknown_keys_suggest_the_right_one() -> None:
-    assert set(ARCHITECTURES) == {"plain_unet", "resenc_unet"}
+    assert {"unet", "resenc"} <= set(NETWORKS)
     with pytest.raises(SettingsError, match="architecture") as info:
         build_network(small(2, architecture="resenc_unt"), in_channels=1, num_classes=2)
     assert "did you mean 'resenc_unet'" in info.value.hint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -20,9 +21,11 @@ from autoseg.io import read_label
 from autoseg.planning import plan
 from autoseg.preprocessing import run as run_module
 from autoseg.preprocessing.cache import case_files, read_case
+from autoseg.preprocessing.contract import CaseProperties
 from autoseg.preprocessing.crop import OUTSIDE
 from autoseg.preprocessing.inverse import restore_label, restore_probabilities
 from autoseg.preprocessing.run import preprocess_dataset
+from autoseg.serialization import load_contract, save_contract
 
 
 def _prepared(raw: Path, out: Path, names: list[str], workers: int = 1):
@@ -101,6 +104,29 @@ def test_rerun_skips_finished_cases_and_overwrite_redoes_them(prepared) -> None:
     assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
     preprocess_dataset(dataset, plans, ["3d_fullres"], out_root=folder.parent, overwrite=True)
     assert any(p.stat().st_mtime_ns != stamps[p] for p in folder.iterdir())
+
+
+def test_cache_is_shared_between_networks_and_kept_from_before_families(prepared) -> None:
+    """The case hash covers what shapes the arrays, not the network: resenc's plans find the U-Net's cases
+    done; a case stamped with the hash of before network families (the whole configuration) is done too."""
+    dataset, plans, folders = prepared
+    config = plans.configurations["3d_fullres"]
+    resenc = plan(extract_fingerprint(dataset), dataset, network="resenc")
+    other = resenc.configurations["3d_fullres"]
+    assert other.data_id == config.data_id and other.topology != config.topology
+    folder = folders["3d_fullres"]
+    assert run_module._pending_jobs(dataset, resenc, other, folder, overwrite=False) == []
+    case = dataset.cases[0]
+    properties_file = case_files(folder, case.case_id)["properties"]
+    original = load_contract(properties_file, CaseProperties, rerun="-")
+    legacy = run_module.case_hash(case, plans, config, legacy=True)
+    assert legacy != run_module.case_hash(case, plans, config) == run_module.case_hash(case, resenc, other)
+    try:
+        for stamp, pending in ((legacy, 0), ("stale", 1)):
+            save_contract(properties_file, dataclasses.replace(original, source_hash=stamp))
+            assert len(run_module._pending_jobs(dataset, plans, config, folder, overwrite=False)) == pending
+    finally:
+        save_contract(properties_file, original)
 
 
 def test_interrupted_write_is_redone_and_result_equals_uninterrupted(

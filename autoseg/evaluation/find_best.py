@@ -1,14 +1,13 @@
 """Choose the best setup on cross-validation: a configuration or a pair ensemble, then postprocessing.
 
-As nnU-Net's find_best_configuration: each trained configuration's out-of-fold validation predictions
-are merged into one cross-validation folder and evaluated; every pair of configurations is ensembled
-from their probabilities and evaluated the same way; the highest foreground mean Dice wins (ties: the
-first, single configurations before ensembles). Largest-component postprocessing is then decided on
-the winner's cross-validation. Everything lives under `<results>/crossval/`; each evaluated folder
-keeps a small inputs.json (file names, sizes, mtimes, evaluation settings), so a rerun re-evaluates
-only what changed. Inference is imported lazily: `import autoseg.evaluation` stays free of torch.
+As nnU-Net's find_best_configuration: the out-of-fold validation predictions of each trained model folder
+(every configuration of every plans identifier, i.e. network family) are merged into one cross-validation
+folder and evaluated; every pair is ensembled from their probabilities and evaluated the same way; the
+highest foreground mean Dice wins (ties: the first, singles before ensembles). Largest-component
+postprocessing is then decided on the winner's cross-validation. All under `<results>/crossval/`; each
+evaluated folder keeps an inputs.json (file names, sizes, mtimes, settings), so a rerun re-evaluates only
+what changed. Inference is imported lazily: `import autoseg.evaluation` stays free of torch.
 """
-
 from __future__ import annotations
 
 import os
@@ -87,8 +86,7 @@ def collect_cross_validation(model_root: Path, output: Path) -> Path:
 
     Every fold of splits.json must have its validation predictions. CASE<ending> and CASE.npz are hard
     linked (copied across file systems); files of cases no fold validates are removed, so the folder
-    holds exactly the cross-validation. prediction.json is written with all folds as its folds.
-    """
+    holds exactly the cross-validation. prediction.json is written with all folds as its folds."""
     from autoseg.inference.info import probabilities_file
 
     root, output = Path(model_root), Path(output)
@@ -115,7 +113,8 @@ def collect_cross_validation(model_root: Path, output: Path) -> Path:
 
 def _validation_files(root: Path) -> list[dict[str, Path]]:
     """Per fold of splits.json: validation case id -> its predicted label file; errors name the fold to train."""
-    dataset, configuration = root.parent.name, root.name.rsplit("__", 1)[0]
+    dataset, (configuration, plans) = root.parent.name, root.name.rsplit("__", 1)
+    configuration += "" if plans == "autoseg" else f" -p {plans}"  # what `autoseg train` needs to find it
     splits_file = root / "splits.json"
     if not splits_file.is_file():
         raise EvaluationError("no splits.json: not a trained model folder", path=root,
@@ -183,21 +182,20 @@ def _write_merged_info(root: Path, output: Path, n_folds: int) -> None:
 def find_best(
     results: Path, reference_dir: Path, labels: Sequence[LabelDef], *, file_ending: str,
     ignore_label: int | None = None, configurations: Sequence[str] | None = None, allow_ensembles: bool = True,
-    workers: int = 1,
+    workers: int = 1, plans_names: Sequence[str] | None = None,
 ) -> BestChoice:
     """Evaluate every configuration and pair ensemble of `results` (= <results>/<dataset name>) on
     cross-validation against `reference_dir` (labelsTr), pick the best, decide its postprocessing.
 
-    `labels`: the dataset's labels (background is left out). `configurations`: model folder names
-    (`3d_fullres__autoseg`, or just `3d_fullres`); default: every folder with all folds validated.
-    Writes best.json, postprocessing.json and inference_instructions.txt into `results`.
-    """
+    `labels`: the dataset's labels (no background). `configurations`: model folder names (`3d_fullres__autoseg`,
+    or `3d_fullres`); default: every folder with all folds validated, of `plans_names` only when given.
+    Writes best.json, postprocessing.json and inference_instructions.txt into `results`."""
     results = Path(results)
     evaluation = _Evaluation(Path(reference_dir), tuple(label for label in labels if label.values != (0,)),
                              file_ending, ignore_label, workers)
     crossval = results / CROSSVAL_DIR
     candidates: list[CandidateScore] = []
-    for root in _model_folders(results, configurations):
+    for root in _model_folders(results, configurations, plans_names):
         folder = collect_cross_validation(root, crossval / root.name)
         summary = _evaluate_cached(folder, evaluation, inputs=[folder])
         candidates.append(CandidateScore(root.name, (root.name,), summary.foreground_mean, str(folder)))
@@ -218,10 +216,12 @@ def find_best(
     return choice
 
 
-def _model_folders(results: Path, configurations: Sequence[str] | None) -> list[Path]:
+def _model_folders(results: Path, configurations: Sequence[str] | None, plans_names: Sequence[str] | None
+                   ) -> list[Path]:
     if not results.is_dir():
         raise EvaluationError("results folder not found", path=results, hint="train the dataset first")
-    folders = sorted(p for p in results.iterdir() if p.is_dir() and "__" in p.name and p.name != CROSSVAL_DIR)
+    folders = sorted(p for p in results.iterdir() if p.is_dir() and "__" in p.name and p.name != CROSSVAL_DIR
+                     and (not plans_names or p.name.rsplit("__", 1)[1] in plans_names))
     if configurations:
         return [_resolve_configuration(results, name, folders) for name in configurations]
     complete = []

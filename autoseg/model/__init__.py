@@ -1,4 +1,5 @@
-"""Network shape (Topology) and its closed-form size; the torch builders import torch lazily."""
+"""Network shape (Topology), the U-Net's closed-form size, and the network families
+(`autoseg.model.families`); the torch builders and the generic estimator import torch lazily."""
 
 from autoseg.model.contract import Topology
 from autoseg.model.size import feature_map_elements, parameter_count, receptive_field, stage_shapes

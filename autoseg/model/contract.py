@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Topology:
-    """A U-Net described stage by stage, highest resolution first.
+    """A network described stage by stage, highest resolution first.
 
     kernel_sizes[s] and strides[s] are per axis in array order; strides[0] is all ones
-    (stage 0 does not downsample). `architecture` and `upsampling` are registry keys.
+    (stage 0 does not downsample). `architecture` is the key of the network family that builds it
+    (`autoseg.model.families`: plain_unet = unet, resenc_unet = resenc) and `upsampling` a registry key.
     """
 
     dim: int

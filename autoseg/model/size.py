@@ -25,8 +25,10 @@ The upsampling step depends on `topology.upsampling` (all three are built by
   voxel shuffle by the stride.
 
 None of the three widens the receptive field (1x1 convs; each output voxel comes from exactly
-one low-resolution voxel), so `receptive_field` holds for all of them. The residual-encoder
-U-Net ("resenc_unet") is not counted here: its sizes raise `SettingsError`.
+one low-resolution voxel), so `receptive_field` holds for all of them. Only the plain U-Net is counted
+here (the `unet` family keeps these calibrated formulas); other families, the residual encoder
+("resenc_unet") included, are measured by `autoseg.model.measure`, and these functions raise
+`SettingsError` for them.
 
 Spatial sizes after a strided conv are ceil(n / stride), which is what a "same"-padded conv
 outputs; for patches divisible by `topology.total_stride` (all planned patches) this equals

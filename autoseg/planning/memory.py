@@ -4,8 +4,10 @@
           + parameters x bytes per parameter
           + fixed overhead
 
-Activation elements are counted per sample by `autoseg.model.size.feature_map_elements`
-(nnU-Net's VRAM proxy). The constants are calibrated so that at an 8 GiB budget the planner
+Activation elements and parameters come from the topology's network family
+(`autoseg.model.families`): the U-Net's closed-form `autoseg.model.size` (nnU-Net's VRAM proxy), or the
+generic estimator that counts the same kinds of tensors on a network built on the meta device for the
+other families. The constants are calibrated so that at an 8 GiB budget the planner
 reproduces nnU-Net's default planner (reference §4.10); docs/planning.md shows the calibration.
 They have NOT been measured on a GPU yet: treat estimates as nnU-Net-equivalent, not as a
 measured peak.
@@ -14,7 +16,7 @@ measured peak.
 from __future__ import annotations
 
 from autoseg.model.contract import Topology
-from autoseg.model.size import feature_map_elements, parameter_count
+from autoseg.model.families import family_of
 
 GIB = 2.0**30
 
@@ -38,7 +40,7 @@ def estimate_memory_gb(
 ) -> float:
     """Estimated training peak in GiB for `batch_size` samples of `patch` (voxels, array order)."""
     return _fixed_bytes(topology, in_channels, num_classes) / GIB + batch_size * _sample_bytes(
-        topology, patch, num_classes
+        topology, patch, in_channels, num_classes
     ) / GIB
 
 
@@ -61,14 +63,14 @@ def batch_capacity(
 ) -> float:
     """How many samples the budget holds after the fixed costs, as a fraction (may be < 0)."""
     free = budget_gb * GIB - _fixed_bytes(topology, in_channels, num_classes)
-    return free / _sample_bytes(topology, patch, num_classes)
+    return free / _sample_bytes(topology, patch, in_channels, num_classes)
 
 
-def _sample_bytes(topology: Topology, patch: tuple[int, ...], num_classes: int) -> float:
-    elements = feature_map_elements(topology, patch, in_channels=0, num_classes=num_classes)
+def _sample_bytes(topology: Topology, patch: tuple[int, ...], in_channels: int, num_classes: int) -> float:
+    elements = family_of(topology).elements(topology, patch, in_channels=in_channels, num_classes=num_classes)
     return elements * ACTIVATION_BYTES[topology.dim]
 
 
 def _fixed_bytes(topology: Topology, in_channels: int, num_classes: int) -> float:
-    params = parameter_count(topology, in_channels=in_channels, num_classes=num_classes)
+    params = family_of(topology).parameters(topology, in_channels=in_channels, num_classes=num_classes)
     return params * PARAMETER_BYTES + FIXED_OVERHEAD_BYTES

@@ -19,8 +19,9 @@ from autoseg.errors import PlanError
 from autoseg.fingerprint.contract import Fingerprint
 from autoseg.io.geometry import DUMMY_2D_SPACING
 from autoseg.model.contract import Topology
-from autoseg.model.size import parameter_count, receptive_field
+from autoseg.model.families import DEFAULT_NETWORK, NETWORKS, NetworkFamily
 from autoseg.planning.contract import Configuration, Plans, Resampling
+from autoseg.planning.identifier import DEFAULT_PLANS, plans_identifier
 from autoseg.planning.memory import MIN_BATCH_SIZE, batch_capacity, estimate_memory_gb, fits
 from autoseg.planning.normalization import normalization_schemes, use_mask_for_norm
 from autoseg.planning.spacing import permute, resampled_median_shape, target_spacing, transpose_for
@@ -36,6 +37,9 @@ LOWRES_THRESHOLD = 0.25
 LOWRES_SPACING_STEP = 1.03
 #: 3d_lowres is dropped unless its median image has at least this many times fewer voxels.
 LOWRES_MIN_REDUCTION = 2.0
+#: Configurations whose arrays depend only on the fingerprint and the channel names (target spacing,
+#: normalisation), never on the network or the budget: every plans identifier shares their cache.
+SHARED_DATA = ("2d", "3d_fullres")
 
 
 @dataclass(frozen=True)
@@ -50,22 +54,30 @@ class _Setting:
     normalization: tuple[str, ...]
     use_mask: tuple[bool, ...]
     plans_name: str
+    family: NetworkFamily
+    upsampling: str | None
 
 
 def plan(
-    fingerprint: Fingerprint, dataset: Dataset, *, memory_budget_gb: float = 8.0, plans_name: str = "autoseg"
+    fingerprint: Fingerprint, dataset: Dataset, *, memory_budget_gb: float = 8.0, plans_name: str | None = None,
+    network: str = DEFAULT_NETWORK, upsampling: str | None = None,
 ) -> Plans:
-    """Plan every configuration for a dataset and a GPU memory budget (GiB).
+    """Plan every configuration of network family `network` for a dataset and a GPU memory budget (GiB).
 
     3D data gets 3d_fullres, and 3d_lowres + 3d_cascade_fullres when the fullres patch covers
     less than 25 % of the median image; every dataset gets 2d (in-plane axes after transpose).
+    `upsampling` (None: the family's default) chooses the decoder's upsampling step; `plans_name`
+    defaults to the plans identifier of the two (`autoseg` for the default U-Net).
     """
+    family = NETWORKS.get(network)
+    plans_name = plans_name or plans_identifier(family.name, upsampling)
     spacings, shapes = _checked_geometry(fingerprint, dataset, memory_budget_gb)
     target = target_spacing(spacings, shapes)
     forward, backward = transpose_for(target)
     fullres_spacing = permute(target, forward)
     median = permute(resampled_median_shape(spacings, shapes, target), forward)
     setting = _setting(fingerprint, dataset, memory_budget_gb, plans_name)
+    setting = dataclasses.replace(setting, family=family, upsampling=upsampling)
     dataset_voxels = math.prod(median) * setting.num_training
     configurations: dict[str, Configuration] = {}
     if median[0] == 1 or _unet_fits_in(fullres_spacing[1:], median[1:]):
@@ -130,15 +142,20 @@ def _plan_lowres(fullres: Configuration, median: tuple[float, ...], setting: _Se
 
 
 def _cascade(fullres: Configuration, setting: _Setting) -> Configuration:
-    """3d_fullres again, fed the 3d_lowres segmentation as extra one-hot input channels; it reuses
-    the 3d_fullres preprocessed data."""
+    """3d_fullres again, fed the 3d_lowres segmentation as extra one-hot input channels; the default
+    plans' cascade reuses the 3d_fullres preprocessed data. Another identifier's cascade gets a data id
+    of its own: the previous stage's predictions are stored inside the cache folder, and they differ
+    between identifiers."""
     in_channels = setting.in_channels + setting.cascade_channels
     topology, patch = fullres.topology, fullres.patch_size
+    own = setting.plans_name != DEFAULT_PLANS
     return dataclasses.replace(
         fullres,
         name="3d_cascade_fullres",
         previous_stage="3d_lowres",
-        parameter_count=parameter_count(topology, in_channels=in_channels, num_classes=setting.num_classes),
+        data_id=f"{setting.plans_name}_3d_cascade_fullres" if own else fullres.data_id,
+        parameter_count=setting.family.parameters(topology, in_channels=in_channels,
+                                                  num_classes=setting.num_classes),
         estimated_memory_gb=estimate_memory_gb(topology, patch, fullres.batch_size, in_channels=in_channels,
                                                num_classes=setting.num_classes),
     )
@@ -152,7 +169,10 @@ def _configure(
         return fits(topology, patch, MIN_BATCH_SIZE, budget_gb=setting.budget_gb, in_channels=setting.in_channels,
                     num_classes=setting.num_classes)
 
-    topology, patch, ok = fit_patch(spacing, median, fits_min_batch)
+    def family_topology(stage_plan: Topology) -> Topology:
+        return setting.family.plan_topology(stage_plan, setting.upsampling)
+
+    topology, patch, ok = fit_patch(spacing, median, fits_min_batch, make=family_topology)
     if not ok:
         raise _too_small(name, topology, patch, setting=setting)
     batch, notes = _batch_size(topology, patch, dataset_voxels=dataset_voxels, setting=setting)
@@ -168,14 +188,22 @@ def _configure(
         use_mask_for_norm=setting.use_mask,
         resampling=Resampling(),
         topology=topology,
-        data_id=f"{setting.plans_name}_{name}",
+        data_id=_data_id(name, setting),
         estimated_memory_gb=estimate_memory_gb(topology, patch, batch, **sizes),
-        parameter_count=parameter_count(topology, **sizes),
-        receptive_field=receptive_field(topology),
+        parameter_count=setting.family.parameters(topology, **sizes),
+        receptive_field=setting.family.receptive_field(topology),
         notes=notes,
     )
-    log.info("%s: patch %s, batch %d, %d stages", name, patch, batch, topology.n_stages)
+    log.info("%s: %s, patch %s, batch %d, %d stages", name, setting.family.name, patch, batch, topology.n_stages)
     return config
+
+
+def _data_id(name: str, setting: _Setting) -> str:
+    """The cache folder name: the default plans' for 2d and 3d_fullres (the same arrays for every
+    network, as nnU-Net's ResEnc plans reuse nnUNetPlans' data); 3d_lowres's spacing follows the
+    family's 3d_fullres patch, so another identifier's 3d_lowres has its own."""
+    owner = DEFAULT_PLANS if name in SHARED_DATA else setting.plans_name
+    return f"{owner}_{name}"
 
 
 def _batch_size(
@@ -226,6 +254,8 @@ def _setting(fingerprint: Fingerprint, dataset: Dataset, budget_gb: float, plans
         normalization=schemes,
         use_mask=use_mask_for_norm(schemes, fingerprint.median_relative_size_after_crop),
         plans_name=plans_name,
+        family=NETWORKS.get(DEFAULT_NETWORK),
+        upsampling=None,
     )
 
 

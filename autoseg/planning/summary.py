@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from autoseg.model.families import DEFAULT_UPSAMPLING, family_of
 from autoseg.planning.contract import Configuration, Plans
 
 #: Flag an axis whose receptive field covers less than this fraction of the patch.
@@ -14,7 +15,7 @@ def summarize(plans: Plans) -> list[dict[str, Any]]:
     """One row per configuration, in plan order. Per-axis values are in array order after the
     plan's transpose; spacing and receptive field in mm, memory in GiB, parameters in millions.
 
-    Keys: name, spacing_mm, median_shape, patch, batch, stages, features, first_kernel,
+    Keys: name, network, spacing_mm, median_shape, patch, batch, stages, features, first_kernel,
     first_stride, receptive_field, receptive_field_mm, memory_gib, params_m, notes (list of str).
     """
     return [_row(config, plans.memory_budget_gb) for config in plans.configurations.values()]
@@ -25,6 +26,7 @@ def _row(config: Configuration, budget_gb: float) -> dict[str, Any]:
     field_mm = tuple(round(f * s, 1) for f, s in zip(config.receptive_field, config.spacing))
     return {
         "name": config.name,
+        "network": _network(config),
         "spacing_mm": tuple(round(s, 3) for s in config.spacing),
         "median_shape": config.median_shape,
         "patch": config.patch_size,
@@ -39,6 +41,13 @@ def _row(config: Configuration, budget_gb: float) -> dict[str, Any]:
         "params_m": round(config.parameter_count / 1e6, 2),
         "notes": list(config.notes) + _notes(config, budget_gb),
     }
+
+
+def _network(config: Configuration) -> str:
+    """The family name, with the upsampling step where it is not the default one."""
+    family = family_of(config.topology)
+    upsampling = config.topology.upsampling
+    return family.name if not family.upsampling or upsampling == DEFAULT_UPSAMPLING else f"{family.name} ({upsampling})"
 
 
 def _notes(config: Configuration, budget_gb: float) -> list[str]:

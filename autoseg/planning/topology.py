@@ -133,15 +133,17 @@ def fit_patch(
     spacing: Sequence[float],
     median_shape: Sequence[float],
     fits: Callable[[Topology, tuple[int, ...]], bool],
+    make: Callable[[Topology], Topology] = lambda stage_plan: stage_plan,
 ) -> tuple[Topology, tuple[int, ...], bool]:
     """Largest patch of the shrinking sequence whose network `fits` (batch 2 in the budget).
 
-    Returns (topology, patch, True), or the smallest patch tried with False when none fits.
-    A network needs two stages (one downsampling) to be a U-Net.
+    `make` turns the plain U-Net of each pooling plan (the stage plan) into the network that is sized,
+    e.g. a family's topology. Returns (topology, patch, True), or the smallest patch tried with False
+    when none fits. A network needs two stages (one downsampling) to be a U-Net.
     """
     pooling = pooling_plan(spacing, initial_patch(spacing, median_shape))
     while True:
-        topology = make_topology(pooling)
+        topology = make(make_topology(pooling))
         if topology.n_stages >= 2 and fits(topology, pooling.patch):
             return topology, pooling.patch, True
         smaller = shrink_step(pooling, spacing, median_shape)

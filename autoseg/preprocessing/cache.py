@@ -53,8 +53,8 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(handle, **arrays)
 
 
-def is_done(folder: Path, case_id: str, source_hash: str) -> bool:
-    """True when the case was finished from the same raw files and plan."""
+def is_done(folder: Path, case_id: str, source_hash: str | tuple[str, ...]) -> bool:
+    """True when the case was finished from the same raw files and plan (any of the given hashes)."""
     files = case_files(folder, case_id)
     if not all(path.is_file() for path in files.values()):
         return False
@@ -62,7 +62,8 @@ def is_done(folder: Path, case_id: str, source_hash: str) -> bool:
         properties = load_contract(files["properties"], CaseProperties, rerun=RERUN)
     except Exception:
         return False
-    return properties.source_hash == source_hash
+    accepted = (source_hash,) if isinstance(source_hash, str) else source_hash
+    return properties.source_hash in accepted
 
 
 def read_properties(folder: Path, case_id: str) -> CaseProperties:

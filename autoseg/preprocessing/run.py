@@ -40,11 +40,16 @@ def training_classes(dataset: Dataset) -> dict[int, tuple[int, ...]]:
     return {label.values[0]: label.values for label in dataset.foreground_labels}
 
 
-def case_hash(case: Case, plans: Plans, config: Configuration) -> str:
-    """Changes whenever the case's files or anything of the plan that shapes its data changes."""
+def case_hash(case: Case, plans: Plans, config: Configuration, *, legacy: bool = False) -> str:
+    """Changes whenever the case's files or anything of the plan that shapes its arrays changes: the
+    configuration's spacing, normalisation and resampling, the plan's transpose and intensity statistics.
+    Not the network: plans identifiers with equal arrays share one cache. `legacy`: the hash of caches
+    written before network families (it covered the whole configuration), still accepted by `is_done`."""
     digest = hashlib.sha256()
-    recipe = {"config": to_jsonable(config), "transpose": plans.transpose_forward,
-              "intensity": to_jsonable(plans.intensity)}
+    arrays = {"config": to_jsonable(config)} if legacy else {
+        "spacing": config.spacing, "normalization": config.normalization,
+        "use_mask_for_norm": config.use_mask_for_norm, "resampling": to_jsonable(config.resampling)}
+    recipe = {**arrays, "transpose": plans.transpose_forward, "intensity": to_jsonable(plans.intensity)}
     digest.update(json.dumps(recipe, sort_keys=True).encode())
     for file in (*case.images, *([case.label] if case.label else [])):
         stat = Path(file).stat()
@@ -106,7 +111,8 @@ def _pending_jobs(dataset: Dataset, plans: Plans, config: Configuration, folder:
     jobs = []
     for case in dataset.cases:
         source = case_hash(case, plans, config)
-        if overwrite or not is_done(folder, case.case_id, source):
+        accepted = (source, case_hash(case, plans, config, legacy=True))
+        if overwrite or not is_done(folder, case.case_id, accepted):
             jobs.append(CaseJob(case, folder, plans, config, classes, source))
     return jobs
 

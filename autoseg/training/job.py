@@ -10,9 +10,10 @@ from typing import Any
 from autoseg.dataset.contract import Dataset
 from autoseg.errors import SettingsError
 from autoseg.log import get_logger
+from autoseg.model.families import family_of
 from autoseg.model_folder import ModelFolder, network_in_channels, previous_stage
 from autoseg.paths import DatasetLocation
-from autoseg.planning.contract import Plans
+from autoseg.planning.contract import Configuration, Plans
 from autoseg.runtime.device import configure_threads, keep_freed_memory, seed_all
 from autoseg.runtime.distributed import RuntimeContext, barrier, shutdown
 from autoseg.serialization import atomic_write, load_contract, read_json, save_contract
@@ -45,6 +46,16 @@ def resolve_settings(folder: ModelFolder, overrides: dict[str, Any], *, resume: 
     if unknown:
         raise SettingsError(f"unknown training setting(s): {sorted(unknown)}", hint="see `autoseg train --help`")
     return replace(base, **overrides).validated()
+
+
+def for_network(settings: TrainingSettings, config: Configuration) -> TrainingSettings:
+    """Settings the configuration's network family can train with: a family with a single output
+    (no decoder levels) trains without deep supervision, whatever the flag says."""
+    family = family_of(config.topology)
+    if settings.deep_supervision and not family.deep_supervision:
+        log.info("%s has a single output: training without deep supervision", family.name)
+        return replace(settings, deep_supervision=False)
+    return settings
 
 
 #: Fields added after runs were stored without them, with the value those runs trained with.
@@ -82,7 +93,7 @@ def train_one_fold(location: DatasetLocation, dataset: Dataset, plans: Plans, co
     run = fold_run(location, dataset, plans, configuration, fold)
     require_cache(run)
     sources = previous_sources(location, dataset, plans, run.previous.configuration) if run.previous else None
-    settings = resolve_settings(run.folder, overrides, resume=resume, fold=fold)
+    settings = for_network(resolve_settings(run.folder, overrides, resume=resume, fold=fold), run.config)
     context = RuntimeContext.from_env(device, amp=settings.amp)
     configure_threads(context.device)
     if context.device.type == "cpu":
