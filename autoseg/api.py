@@ -39,7 +39,7 @@ FINGERPRINT_FILE = "fingerprint.json"
 
 
 def example_dataset(
-    out: str | Path, *, n_cases: int = 6, modality: str = "ct", anisotropic: bool = False,
+    out: str | Path, *, n_cases: int = 10, modality: str = "ct", anisotropic: bool = False,
     seed: int = 0, size: int = 48, overwrite: bool = False,
 ) -> Path:
     """Write the synthetic example dataset (nnU-Net raw layout) to `out` and return its folder."""

@@ -102,7 +102,7 @@ def main_options(
 def example_dataset_command(
     ctx: typer.Context,
     out: Annotated[Path | None, typer.Argument(help="Folder to create; default <raw root>/Dataset900_Example.")] = None,
-    cases: Annotated[int, typer.Option("--cases", min=2, help="Number of labelled cases.")] = 6,
+    cases: Annotated[int, typer.Option("--cases", min=2, help="Number of labelled cases.")] = 10,
     modality: Annotated[str, typer.Option("--modality", help="ct or mri.")] = "ct",
     anisotropic: Annotated[bool, typer.Option("--anisotropic", help="Thick slices (~0.7x0.7x4.5 mm).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same dataset.")] = 0,

@@ -43,7 +43,7 @@ class SyntheticCase:
 def make_example_dataset(
     root: str | Path,
     *,
-    n_cases: int = 6,
+    n_cases: int = 10,
     modality: str = "ct",
     anisotropic: bool = False,
     seed: int = 0,
