@@ -16,6 +16,7 @@ from gpu_check_common import Check, PlanCase, attempt, data_plan_cases, row, syn
 from gpu_check_run import cached_case_ids, plans_with
 
 import autoseg.inference.sliding as sliding
+from autoseg.evaluation.metrics import Counts, confusion_counts, dice_score
 from autoseg.inference.predictor import PredictOptions, Predictor
 from autoseg.inference.sliding import WindowSettings, sliding_window_logits
 from autoseg.model.build import build_network
@@ -116,15 +117,12 @@ def _accumulator_row(check: Check, case: PlanCase, folder: Path, cases: list[tup
 
 
 def _dice(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> np.ndarray:
-    """Dice per foreground class over all cases (label -1, outside the body, counts as background)."""
-    counts = np.zeros((num_classes - 1, 3))
-    for predicted, truth in pairs:
-        truth = np.where(truth < 0, 0, truth)
-        for c in range(1, num_classes):
-            p, t = predicted == c, truth == c
-            counts[c - 1] += (np.sum(p & t), np.sum(p), np.sum(t))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return 2 * counts[:, 0] / (counts[:, 1] + counts[:, 2])
+    """Dice per foreground class pooled over all cases (label -1, outside the body, counts as background)."""
+    scores = []
+    for c in range(1, num_classes):
+        counts = [confusion_counts(predicted == c, truth == c) for predicted, truth in pairs]
+        scores.append(dice_score(Counts(*(sum(column) for column in zip(*counts, strict=True)))))
+    return np.array(scores)
 
 
 def _agreement_row(check: Check, case: PlanCase, folder: Path, cases: list[tuple[np.ndarray, np.ndarray]],
