@@ -22,6 +22,7 @@ from autoseg.model.receptive import Layer, effective_kernel
 from autoseg.model.receptive import receptive_field as path_field
 from autoseg.planning import Plans, estimate_memory_gb, plan, summarize
 from autoseg.planning.identifier import plan_flags, plans_file_name, plans_identifier, resolve_identifier
+from autoseg.preprocessing.previous import previous_dir, previous_file
 from autoseg.serialization import load_contract, to_jsonable
 
 FAMILIES = sorted(NETWORKS)
@@ -203,10 +204,17 @@ def test_resenc_plans_are_sized_for_the_family_and_share_the_unets_data() -> Non
         assert config.spacing == pytest.approx(unet.configurations[name].spacing) or name == "3d_lowres"
     data = {name: config.data_id for name, config in resenc.configurations.items()}
     assert data == {"2d": "autoseg_2d", "3d_fullres": "autoseg_3d_fullres", "3d_lowres": "resenc_3d_lowres",
-                    "3d_cascade_fullres": "resenc_3d_cascade_fullres"}
+                    "3d_cascade_fullres": "autoseg_3d_fullres"}
     assert unet.configurations["3d_lowres"].data_id == "autoseg_3d_lowres"
     assert [row["network"] for row in summarize(resenc)] == ["resenc"] * 4
     assert {row["network"] for row in summarize(unet)} == {"unet"}
+
+
+def test_cascades_of_two_identifiers_share_the_cache_but_not_the_previous_stage(tmp_path: Path) -> None:
+    cache = tmp_path / "autoseg_3d_fullres"
+    default = previous_dir(cache, "3d_lowres")
+    assert default == previous_dir(cache, "3d_lowres", "autoseg") == cache / "previous_3d_lowres"
+    assert previous_file(cache, "3d_lowres", "c1", "resenc") == cache / "previous_3d_lowres__resenc" / "c1.npy"
 
 
 def test_upsampling_changes_the_identifier_and_the_sizes() -> None:

@@ -142,18 +142,16 @@ def _plan_lowres(fullres: Configuration, median: tuple[float, ...], setting: _Se
 
 
 def _cascade(fullres: Configuration, setting: _Setting) -> Configuration:
-    """3d_fullres again, fed the 3d_lowres segmentation as extra one-hot input channels; the default
-    plans' cascade reuses the 3d_fullres preprocessed data. Another identifier's cascade gets a data id
-    of its own: the previous stage's predictions are stored inside the cache folder, and they differ
-    between identifiers."""
+    """3d_fullres again, fed the 3d_lowres segmentation as extra one-hot input channels, on the 3d_fullres
+    preprocessed data (every identifier: the previous stage's predictions are stored in the cache under
+    a folder named by the identifier, `autoseg.preprocessing.previous.previous_dir`)."""
     in_channels = setting.in_channels + setting.cascade_channels
     topology, patch = fullres.topology, fullres.patch_size
-    own = setting.plans_name != DEFAULT_PLANS
     return dataclasses.replace(
         fullres,
         name="3d_cascade_fullres",
         previous_stage="3d_lowres",
-        data_id=f"{setting.plans_name}_3d_cascade_fullres" if own else fullres.data_id,
+        data_id=fullres.data_id,
         parameter_count=setting.family.parameters(topology, in_channels=in_channels,
                                                   num_classes=setting.num_classes),
         estimated_memory_gb=estimate_memory_gb(topology, patch, fullres.batch_size, in_channels=in_channels,

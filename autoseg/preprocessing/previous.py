@@ -17,6 +17,7 @@ import numpy as np
 
 from autoseg.errors import SettingsError
 from autoseg.planning.contract import Configuration, Plans
+from autoseg.planning.identifier import DEFAULT_PLANS
 from autoseg.preprocessing.contract import CaseProperties
 from autoseg.preprocessing.resample import resample_label, separate_axis
 
@@ -53,10 +54,13 @@ def one_hot(seg: np.ndarray, values: Sequence[int], *, axis: int = 0) -> np.ndar
     return np.stack([seg == value for value in values], axis=axis).astype(np.float32)
 
 
-def previous_dir(cache: Path, stage: str) -> Path:
-    """Where the previous stage's segmentations of a case cache are stored."""
-    return Path(cache) / f"previous_{stage}"
+def previous_dir(cache: Path, stage: str, plans_name: str = DEFAULT_PLANS) -> Path:
+    """Where the previous stage's segmentations of a case cache are stored: `previous_<stage>` for the
+    default plans, `previous_<stage>__<identifier>` for another plans identifier (network family), so
+    that families sharing one cache (same spacing and normalisation) keep their own lowres predictions."""
+    suffix = "" if plans_name == DEFAULT_PLANS else f"__{plans_name}"
+    return Path(cache) / f"previous_{stage}{suffix}"
 
 
-def previous_file(cache: Path, stage: str, case_id: str) -> Path:
-    return previous_dir(cache, stage) / f"{case_id}.npy"
+def previous_file(cache: Path, stage: str, case_id: str, plans_name: str = DEFAULT_PLANS) -> Path:
+    return previous_dir(cache, stage, plans_name) / f"{case_id}.npy"

@@ -4,7 +4,8 @@
 of scans the lowres network did not train on. Those are the lowres cross-validation predictions
 (`<results>/<dataset>/3d_lowres__<plans>/fold_k/validation/CASE<ending>`, written on the original grid
 when fold k finishes). Each is mapped onto its case's 3d_fullres cache grid once and stored as
-`<cache>/previous_3d_lowres/CASE.npy`, which the loader reads like the segmentation.
+`<cache>/previous_3d_lowres/CASE.npy` (`previous_3d_lowres__<identifier>` for another plans identifier),
+which the loader reads like the segmentation.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def store_previous(sources: dict[str, Path], *, cache: Path, stage: str, plans: 
     config = plans.configurations[config_name]
     written = 0
     for case_id, source in progress(sources.items(), total=len(sources), description=f"gathering {stage}"):
-        target = previous_file(cache, stage, case_id)
+        target = previous_file(cache, stage, case_id, plans.plans_name)
         properties_file = case_files(cache, case_id)["properties"]
         if target.is_file() and target.stat().st_mtime >= max(source.stat().st_mtime,
                                                                properties_file.stat().st_mtime):
@@ -77,7 +78,7 @@ def store_previous(sources: dict[str, Path], *, cache: Path, stage: str, plans: 
         atomic_write(target, lambda tmp, seg=seg: _save_npy(tmp, seg))
         written += 1
     log.info("%s predictions of %d case(s) on the %s grid (%d updated) in %s", stage, len(sources), config_name,
-             written, previous_dir(cache, stage))
+             written, previous_dir(cache, stage, plans.plans_name))
     return written
 
 

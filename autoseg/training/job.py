@@ -84,7 +84,7 @@ def fold_run(location: DatasetLocation, dataset: Dataset, plans: Plans, configur
         val_ids=tuple(val_ids), in_channels=network_in_channels(plans, config, dataset), num_classes=plans.num_classes,
         class_names=tuple(label.name for label in labels),
         regions=tuple(label.values for label in labels) if dataset.has_regions else None,
-        ignore_label=dataset.ignore_label, previous=previous_stage(config, dataset),
+        ignore_label=dataset.ignore_label, previous=previous_stage(config, dataset), plans_name=plans.plans_name,
     )
 
 

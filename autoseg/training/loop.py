@@ -20,6 +20,7 @@ from autoseg.errors import AutosegError
 from autoseg.log import get_logger, progress
 from autoseg.model_folder import ModelFolder, PreviousStage, load_checkpoint, save_checkpoint
 from autoseg.planning.contract import Configuration
+from autoseg.planning.identifier import DEFAULT_PLANS
 from autoseg.preprocessing.previous import previous_dir
 from autoseg.runtime.distributed import RuntimeContext, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
 from autoseg.runtime.signals import StopSignals
@@ -51,11 +52,15 @@ class FoldRun:
     ignore_label: int | None = None
     #: A cascade stage's input besides the image (in_channels counts its one-hot channels).
     previous: PreviousStage | None = None
+    #: The plans identifier (autoseg = the default plans): keys the cascade's previous-stage folder.
+    plans_name: str = DEFAULT_PLANS
 
     @property
     def previous_dir(self) -> Path | None:
         """The previous stage's segmentations on this cache's grid (cascade only)."""
-        return previous_dir(self.cache, self.previous.configuration) if self.previous else None
+        if self.previous is None:
+            return None
+        return previous_dir(self.cache, self.previous.configuration, self.plans_name)
 
 
 @dataclass
