@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from autoseg.dataset.load import load_dataset
 from autoseg.fingerprint import extract_fingerprint
@@ -43,10 +45,17 @@ def make_model_folder(root: Path, example_dataset: Path, configuration: str = "3
 def field_extents(topology: Topology, size: tuple[int, ...], *, axis: int) -> list[int]:
     """Nonzero extent along `axis` of d(one output voxel)/d(input), for each voxel position in one
     total-stride period along that axis (one batch element each). Positive weights and inputs,
-    batch norm in eval mode (a per-channel affine, unlike instance norm which couples all voxels)."""
+    batch norm in eval mode (a per-channel affine, unlike instance norm which couples all voxels);
+    max pooling and unpooling spread their gradient over the window (`spread_max_windows`); a module marked
+    `global_context` (image-level pooling, whose field is the whole input for any patch) is detached, so the
+    measurement covers the local path that `NetworkFamily.path` describes."""
     topology = dataclasses.replace(topology, norm="batch", deep_supervision=False)
     net = build_network(topology, in_channels=1, num_classes=1).double().eval()
     net.deep_supervision = False
+    spread_max_windows(net)
+    for module in net.modules():
+        if getattr(module, "global_context", False):
+            module.register_forward_hook(lambda _module, _inputs, output: output.detach())
     with torch.no_grad():
         for parameter in net.parameters():
             parameter.copy_(torch.rand_like(parameter) * 0.5 + 0.1)
@@ -66,3 +75,38 @@ def field_extents(topology: Topology, size: tuple[int, ...], *, axis: int) -> li
         assert nonzero.min() > 0 and nonzero.max() < size[axis] - 1, "field clipped: use a larger input"
         extents.append(int(nonzero.max() - nonzero.min() + 1))
     return extents
+
+
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_MAX_UNPOOLS = (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)
+
+
+def spread_max_windows(net: nn.Module) -> None:
+    """Let the gradient through every nn.MaxPoolNd / nn.MaxUnpoolNd of `net` reach its whole window; outputs
+    stay exactly the same.
+
+    A max pooling passes the gradient to the argmax of each window only, and an unpooling reads only the
+    argmax position, so the field measured on one input is narrower than the receptive field, which counts
+    every voxel that is the max of its window for some input (the formula: a pooling of kernel = stride widens
+    the field by (stride - 1) x jump, an unpooling adds nothing, like nearest upsampling). Forward hooks add
+    a zero whose gradient covers the window: avg_pool(x) - avg_pool(x).detach() to a pooling's values,
+    nearest(v) - nearest(v).detach() to an unpooling's output.
+    """
+
+    def pool_hook(module: nn.Module, inputs: tuple, output: object) -> object:
+        x = inputs[0]
+        avg_pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[x.ndim - 3]
+        avg = avg_pool(x, module.kernel_size, module.stride, module.padding, module.ceil_mode)
+        if isinstance(output, tuple):
+            return (output[0] + (avg - avg.detach()), *output[1:])
+        return output + (avg - avg.detach())
+
+    def unpool_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        near = F.interpolate(inputs[0], size=output.shape[2:], mode="nearest-exact")
+        return output + (near - near.detach())
+
+    for module in net.modules():
+        if isinstance(module, _MAX_POOLS):
+            module.register_forward_hook(pool_hook)
+        elif isinstance(module, _MAX_UNPOOLS):
+            module.register_forward_hook(unpool_hook)

@@ -144,6 +144,21 @@ def test_odd_anisotropic_patch_gives_the_right_output_shapes(name: str, deep_sup
         assert [tuple(o.shape[2:]) for o in outputs] == [(6, 28, 20), (6, 14, 10)]
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_2d_networks_give_the_right_output_shapes(name: str) -> None:
+    """2D, total stride (4, 4), patch 12 x 20 (odd multiples), deep supervision on where the family has it."""
+    family = NETWORKS.get(name)
+    topology = family.plan_topology(dataclasses.replace(PLANS_2D, features_per_stage=(2, 4, 8)))
+    network = build_network(topology, in_channels=2, num_classes=3).eval()
+    network.deep_supervision = family.deep_supervision
+    with torch.no_grad():
+        out = network(torch.randn(2, 2, 12, 20))
+    outputs = out if isinstance(out, list) else [out]
+    assert tuple(outputs[0].shape) == (2, 3, 12, 20)
+    expected = [(12, 20), (6, 10)] if family.deep_supervision else [(12, 20)]
+    assert [tuple(o.shape[2:]) for o in outputs] == expected
+
+
 # ---- receptive field ---------------------------------------------------------------------------
 
 

@@ -46,18 +46,45 @@ def _environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, os.environ.get(name, ""))
 
 
+@pytest.fixture(scope="module")
+def small_2d_setup(example_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(dataset, plans, location, root) as `small_training_setup`, for the example's 2d configuration:
+    4-8 features, patch four times the total stride (at least 32: on a 2x2 deepest map ENet's 48 instance norms
+    over 4 values amplify float32 rounding beyond the ONNX check's tolerance), batch 2."""
+    from autoseg.dataset.load import load_dataset
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.paths import DatasetLocation
+    from autoseg.planning import plan
+    from autoseg.preprocessing.run import preprocess_dataset
+
+    root = tmp_path_factory.mktemp("train2d")
+    dataset = load_dataset(example_dataset)
+    plans = plan(extract_fingerprint(dataset), dataset)
+    config = plans.configurations["2d"]
+    features = (4, 8, 8, 8, 8, 8, 8)[: config.topology.n_stages]
+    topology = dataclasses.replace(config.topology, features_per_stage=features)
+    patch = tuple(max(32, 4 * s) for s in topology.total_stride)
+    small = dataclasses.replace(config, topology=topology, patch_size=patch, batch_size=2)
+    plans = dataclasses.replace(plans, configurations={"2d": small})
+    preprocess_dataset(dataset, plans, ["2d"], out_root=root / "pre" / dataset.name)
+    return dataset, plans, DatasetLocation(name=dataset.name, raw=Path(dataset.root)), root
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_family_learns_validates_predicts_and_exports(name: str, small_training_setup, example_dataset: Path,
-                                                      tmp_path: Path, _environment: None) -> None:
+def test_family_learns_validates_predicts_and_exports(name: str, configuration: str, request: pytest.FixtureRequest,
+                                                      example_dataset: Path, tmp_path: Path,
+                                                      _environment: None) -> None:
     """Eight steps of the training objects (loss, output init, optimizer) on one batch of the shared cache
-    lower the loss; the weights then go through validation, the predictor and ONNX."""
-    dataset, plans, location, root = small_training_setup
-    config = plans.configurations["3d_fullres"]
+    lower the loss; the weights then go through validation, the predictor and ONNX; in 3D and in 2D."""
+    fixture = "small_training_setup" if configuration == "3d_fullres" else "small_2d_setup"
+    dataset, plans, location, root = request.getfixturevalue(fixture)
+    config = plans.configurations[configuration]
     config = dataclasses.replace(config, topology=NETWORKS.get(name).plan_topology(config.topology))
-    plans = dataclasses.replace(plans, plans_name=name, configurations={"3d_fullres": config})
+    plans = dataclasses.replace(plans, plans_name=name, configurations={configuration: config})
     os.environ["AUTOSEG_PREPROCESSED"], os.environ["AUTOSEG_RESULTS"] = str(root / "pre"), str(tmp_path)
-    run = fold_run(location, dataset, plans, "3d_fullres", 0)
-    assert run.folder.root.name == f"3d_fullres__{name}" and run.cache.name == "autoseg_3d_fullres"
+    run = fold_run(location, dataset, plans, configuration, 0)
+    assert run.folder.root.name == f"{configuration}__{name}" and run.cache.name == f"autoseg_{configuration}"
     settings = for_network(TrainingSettings(initial_lr=0.02, workers=0, seed=3), config)
     context = RuntimeContext(device=torch.device("cpu"))
     objects = build_training_objects(run, settings, context)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autoseg.errors import SettingsError
 from autoseg.model.blocks import BasicBlock, ConvStack, ResidualStack, conv_op, pixel_shuffle, transposed_conv_op
+from autoseg.model.checks import check_input, check_topology
 from autoseg.model.contract import Topology
 from autoseg.registry import Registry
 
@@ -206,7 +206,7 @@ class UNet(nn.Module):
 
     def __init__(self, topology: Topology, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        _validate(topology, in_channels=in_channels, num_classes=num_classes)
+        check_topology(topology, in_channels=in_channels, num_classes=num_classes, min_stages=2)
         self.topology = topology
         self.in_channels = in_channels
         self.num_classes = num_classes
@@ -223,7 +223,7 @@ class UNet(nn.Module):
         return [level.head for level in self.decoder]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        self._check_input(x)
+        check_input(x, dim=self.topology.dim, in_channels=self.in_channels, stride=self.topology.total_stride)
         skips = self.encoder(x)
         features = skips[-1]
         outputs = []
@@ -235,22 +235,6 @@ class UNet(nn.Module):
         if not self.deep_supervision:
             return outputs[0]
         return outputs[::-1]
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        dim, total = self.topology.dim, self.topology.total_stride
-        if x.ndim != dim + 2 or x.shape[1] != self.in_channels:
-            raise SettingsError(
-                f"network input has shape {tuple(x.shape)}, expected (b, {self.in_channels}, "
-                f"{', '.join(['n'] * dim)}) for this {dim}D network with {self.in_channels} input channel(s)",
-                hint="feed batches shaped (b, c, z, y, x) (3D) or (b, c, y, x) (2D) with the planned channels",
-            )
-        spatial = tuple(x.shape[2:])
-        if any(n % s for n, s in zip(spatial, total)):
-            fixed = tuple(-(-n // s) * s for n, s in zip(spatial, total))
-            raise SettingsError(
-                f"input spatial shape {spatial} is not divisible by the network's total stride {total}",
-                hint=f"pad (or crop) each axis to a multiple of its total stride, e.g. to {fixed}",
-            )
 
 
 def init_weights(module: nn.Module) -> None:
@@ -272,38 +256,3 @@ def init_weights(module: nn.Module) -> None:
 def _ops(topology: Topology) -> dict[str, Any]:
     """The keyword arguments every block takes from the topology."""
     return {"dim": topology.dim, "norm": topology.norm, "nonlin": topology.nonlin}
-
-
-def _validate(topology: Topology, *, in_channels: int, num_classes: int) -> None:
-    """Shape consistency of a Topology: the mistakes a hand-edited plans file can make."""
-    n, dim = topology.n_stages, topology.dim
-    problems = []
-    if dim not in (2, 3):
-        problems.append(f"dim is {dim}, not 2 or 3")
-    if n < 2:
-        problems.append(f"{n} stage(s); a U-Net needs at least 2")
-    per_stage = {
-        "kernel_sizes": topology.kernel_sizes,
-        "strides": topology.strides,
-        "convs_per_stage": topology.convs_per_stage,
-    }
-    problems += [f"{name} has {len(v)} entries for {n} stages" for name, v in per_stage.items() if len(v) != n]
-    if len(topology.convs_per_decoder_stage) != n - 1:
-        problems.append(f"convs_per_decoder_stage has {len(topology.convs_per_decoder_stage)} entries, not {n - 1}")
-    axes = list(topology.kernel_sizes) + list(topology.strides)
-    if any(len(a) != dim for a in axes):
-        problems.append(f"every kernel size and stride needs {dim} entries")
-    if topology.strides and any(s != 1 for s in topology.strides[0]):
-        problems.append(f"strides[0] is {topology.strides[0]}; stage 0 must not downsample")
-    if any(k % 2 == 0 for kernel in topology.kernel_sizes for k in kernel):
-        problems.append("kernel sizes must be odd (same padding)")
-    counts = list(topology.convs_per_stage) + list(topology.convs_per_decoder_stage)
-    if min(counts, default=1) < 1 or min(topology.features_per_stage, default=1) < 1:
-        problems.append("conv counts and feature counts must be at least 1")
-    if in_channels < 1 or num_classes < 1:
-        problems.append(f"in_channels={in_channels} and num_classes={num_classes} must be at least 1")
-    if problems:
-        raise SettingsError(
-            "invalid network topology: " + "; ".join(problems),
-            hint="re-run planning, or fix the topology in plans.json by hand",
-        )
