@@ -21,8 +21,8 @@ Ints = Sequence[int]
 #: Normalisations by key: (channels, dim) -> module. eps 1e-5 and a learned scale and shift, so
 #: each norm has 2 x channels parameters (what `autoseg.model.size` counts).
 NORMS: Registry[Callable[[int, int], nn.Module]] = Registry("normalization")
-#: Nonlinearities by key: () -> module.
-NONLINS: Registry[Callable[[], nn.Module]] = Registry("nonlinearity")
+#: Nonlinearities by key: (channels) -> module (a learned one, PReLU, has one parameter per channel).
+NONLINS: Registry[Callable[[int], nn.Module]] = Registry("nonlinearity")
 
 
 @NORMS.register("instance")
@@ -38,13 +38,19 @@ def _batch_norm(channels: int, dim: int) -> nn.Module:
 
 
 @NONLINS.register("leaky_relu")
-def _leaky_relu() -> nn.Module:
+def _leaky_relu(channels: int) -> nn.Module:
     return nn.LeakyReLU(negative_slope=1e-2, inplace=True)
 
 
 @NONLINS.register("relu")
-def _relu() -> nn.Module:
+def _relu(channels: int) -> nn.Module:
     return nn.ReLU(inplace=True)
+
+
+@NONLINS.register("prelu")
+def _prelu(channels: int) -> nn.Module:
+    """One learned negative slope per channel, starting at 0.25 (He et al. 2015; V-Net's and ENet's)."""
+    return nn.PReLU(channels, init=0.25)
 
 
 def conv_op(dim: int) -> type[nn.Module]:
@@ -104,7 +110,7 @@ class ConvNormAct(nn.Module):
         )
         self.dropout = dropout_op(dim)(dropout) if dropout > 0 else nn.Identity()
         self.norm = NORMS.get(norm)(out_channels, dim)
-        self.act = NONLINS.get(nonlin)() if act else nn.Identity()
+        self.act = NONLINS.get(nonlin)(out_channels) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.dropout(self.conv(x))))
@@ -180,7 +186,7 @@ class BasicBlock(nn.Module):
         if in_channels != out_channels:
             skip.append(ConvNormAct(in_channels, out_channels, (1,) * dim, act=False, **common))
         self.skip = nn.Sequential(*skip) if skip else nn.Identity()
-        self.act = NONLINS.get(nonlin)()
+        self.act = NONLINS.get(nonlin)(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv2(self.conv1(x)) + self.skip(x))

@@ -57,7 +57,7 @@ class GlobalContext(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, dim: int, nonlin: str) -> None:
         super().__init__()
         self.conv = conv_op(dim)(in_channels, out_channels, 1, bias=True)
-        self.act = NONLINS.get(nonlin)()
+        self.act = NONLINS.get(nonlin)(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv(x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)))

@@ -21,21 +21,16 @@ from torch.nn import functional as F
 from autoseg.model.blocks import NONLINS, NORMS, conv_op, dropout_op, same_padding, transposed_conv_op
 from autoseg.model.checks import check_input
 from autoseg.model.contract import Topology
-from autoseg.model.networks.enet import PRELU, Step, asymmetric_kernels, covering_kernel, dilation, layout
+from autoseg.model.networks.enet import Step, asymmetric_kernels, covering_kernel, dilation, layout
 from autoseg.model.segnet_net import max_pool, max_unpool
 from autoseg.model.unet import init_weights
 
 Ints = Sequence[int]
 
 
-def activation(key: str, channels: int) -> nn.Module:
-    """`prelu`: nn.PReLU with one learned slope per channel (ENet's); any other key from blocks.NONLINS."""
-    return nn.PReLU(channels) if key == PRELU else NONLINS.get(key)()
-
-
 def norm_act(channels: int, topology: Topology) -> nn.Sequential:
     """topology.norm then the nonlinearity: elementwise on (b, channels, *n)."""
-    return nn.Sequential(NORMS.get(topology.norm)(channels, topology.dim), activation(topology.nonlin, channels))
+    return nn.Sequential(NORMS.get(topology.norm)(channels, topology.dim), NONLINS.get(topology.nonlin)(channels))
 
 
 def conv(in_channels: int, out_channels: int, kernel: Ints, topology: Topology, *, stride: Ints | None = None,
@@ -95,7 +90,7 @@ class Bottleneck(nn.Module):
             *spatial, norm_act(inner, topology),
             conv(inner, step.width, (1,) * topology.dim, topology), norm_act(step.width, topology),
             dropout_op(topology.dim)(step.dropout))
-        self.act = activation(topology.nonlin, step.width)
+        self.act = NONLINS.get(topology.nonlin)(step.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(widen(x, self.width) + self.branch(x))
@@ -118,7 +113,7 @@ class DownBottleneck(nn.Module):
             conv(inner, inner, topology.kernel_sizes[step.level], topology), norm_act(inner, topology),
             conv(inner, step.width, (1,) * topology.dim, topology), norm_act(step.width, topology),
             dropout_op(topology.dim)(step.dropout))
-        self.act = activation(topology.nonlin, step.width)
+        self.act = NONLINS.get(topology.nonlin)(step.width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, indices = self.pool(x)
@@ -148,7 +143,7 @@ class UpBottleneck(nn.Module):
             up, norm_act(inner, topology),
             conv(inner, step.width, (1,) * dim, topology), norm_act(step.width, topology),
             dropout_op(dim)(step.dropout))
-        self.act = activation(topology.nonlin, step.width)
+        self.act = NONLINS.get(topology.nonlin)(step.width)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return self.act(self.unpool(self.main(x), indices) + self.branch(x))

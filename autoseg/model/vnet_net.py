@@ -28,11 +28,6 @@ Ints = Sequence[int]
 PRELU_INIT = 0.25
 
 
-def nonlinearity(key: str, channels: int) -> nn.Module:
-    """`prelu`: per-channel nn.PReLU (the V-Net's, slopes learned per feature map); else blocks.NONLINS."""
-    return nn.PReLU(channels, init=PRELU_INIT) if key == "prelu" else NONLINS.get(key)()
-
-
 class Resample(nn.Module):
     """Down (conv) or up (transposed conv) by `stride` with kernel = stride, then norm and nonlinearity.
 
@@ -45,7 +40,7 @@ class Resample(nn.Module):
         op = transposed_conv_op(dim) if up else conv_op(dim)
         self.conv = op(in_channels, out_channels, stride, stride=stride, bias=True)
         self.norm = NORMS.get(topology.norm)(out_channels, dim)
-        self.act = nonlinearity(topology.nonlin, out_channels)
+        self.act = NONLINS.get(topology.nonlin)(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
@@ -64,7 +59,7 @@ class ResidualConvs(nn.Module):
             ConvNormAct(in_channels if i == 0 else out_channels, out_channels, kernel, dim=topology.dim,
                         norm=topology.norm, act=False)
             for i in range(n_convs))
-        self.acts = nn.ModuleList(nonlinearity(topology.nonlin, out_channels) for _ in range(n_convs))
+        self.acts = nn.ModuleList(NONLINS.get(topology.nonlin)(out_channels) for _ in range(n_convs))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         for conv, act in zip(self.convs[:-1], self.acts[:-1]):
