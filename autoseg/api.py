@@ -28,6 +28,7 @@ from autoseg.serialization import atomic_write, load_contract, save_contract
 
 if TYPE_CHECKING:
     from autoseg.evaluation import BestChoice, EvaluationSummary
+    from autoseg.evaluation.compare import Comparison
     from autoseg.inference import PredictOptions, PredictReport
     from autoseg.planning.networks import NetworkSummary
     from autoseg.sharing import ArchiveManifest, InstalledModel
@@ -350,10 +351,19 @@ def find_best(dataset: str | Path, *, configurations: list[str] | None = None, a
 
     location = resolve_dataset(dataset)
     parsed = load(location.raw)
-    return choose(location.results, location.raw / "labelsTr", parsed.foreground_labels,
-                  file_ending=parsed.file_ending, ignore_label=parsed.ignore_label, configurations=configurations,
-                  allow_ensembles=allow_ensembles, workers=workers,
-                  plans_names=[resolve_identifier(p) for p in plans_names] if plans_names else None)
+    choice = choose(location.results, location.raw / "labelsTr", parsed.foreground_labels,
+                    file_ending=parsed.file_ending, ignore_label=parsed.ignore_label, configurations=configurations,
+                    allow_ensembles=allow_ensembles, workers=workers,
+                    plans_names=[resolve_identifier(p) for p in plans_names] if plans_names else None)
+    compare(dataset)  # the trade-offs of what was compared, beside best.json
+    return choice
+
+
+def compare(dataset: str | Path) -> Comparison:
+    """Every trained model folder side by side (Dice, size, speed, memory): comparison.json/.md/.png in results."""
+    from autoseg.evaluation.compare import write_comparison
+
+    return write_comparison(resolve_dataset(dataset).results)
 
 
 def _evaluation_labels(predictions: Path, dataset: str | Path | None) -> tuple[tuple[LabelDef, ...], int | None]:

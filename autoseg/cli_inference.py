@@ -171,3 +171,27 @@ def find_best_command(
     choice = api.find_best(dataset, configurations=names, allow_ensembles=ensembles, workers=workers,
                            plans_names=plans_names)
     _console().print(inference_instructions(choice), soft_wrap=True, markup=False)
+
+
+@app.command("compare")
+@guarded
+def compare_command(dataset: DatasetArg) -> None:
+    """Every trained model folder of DATASET side by side: Dice per class, parameters, receptive field, seconds
+    per training iteration, prediction seconds per case, estimated and measured memory.
+
+    Written to the dataset's results folder as comparison.md (the table), comparison.png (the figure) and
+    comparison.json; `autoseg find-best` writes them too, with cross-validation Dice. Train two families to
+    compare, e.g. `autoseg plan D --network enet`, `autoseg train D 3d_fullres 0 -p enet`.
+    """
+    from autoseg import api
+    from autoseg.cli_tables import comparison_table
+    from autoseg.evaluation.compare import FIGURE_FILE, TABLE_FILE, table_rows
+    from autoseg.paths import resolve_dataset
+
+    comparison = api.compare(dataset)
+    if not comparison.rows:
+        raise SettingsError(f"no trained model folder of {comparison.dataset} has a finished fold",
+                            hint=f"train one first: autoseg train {comparison.dataset} 3d_fullres 0")
+    _console().print(comparison_table(table_rows(comparison), comparison.dataset))
+    results = resolve_dataset(dataset).results
+    _console().print(f"table: {results / TABLE_FILE}\nfigure: {results / FIGURE_FILE}", soft_wrap=True)

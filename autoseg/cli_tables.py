@@ -112,3 +112,14 @@ def network_lines(summaries: list[NetworkSummary]) -> list[str]:
                      f"{s.estimated_memory_gb or 0:.2f} GiB")
         lines.append(line)
     return lines
+
+
+def comparison_table(rows: list[tuple[str, ...]], dataset: str) -> Table:
+    """`autoseg compare`: the rows of `autoseg.evaluation.compare.table_rows` (header first)."""
+    header, *body = rows
+    table = Table(title=f"{dataset}: trained models", title_justify="left")
+    for column in header:
+        table.add_column(column, justify="left" if column in ("model", "network", "folds") else "right")
+    for row in body:
+        table.add_row(*row)
+    return table

@@ -20,6 +20,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from autoseg.cli import app
+from autoseg.evaluation.compare import compare
 from autoseg.inference import PredictOptions, Predictor, predict_folder
 from autoseg.inference.validation import predict_validation
 from autoseg.model.contract import Topology
@@ -101,6 +102,9 @@ def test_family_learns_validates_predicts_and_exports(name: str, configuration: 
     validation = predict_validation(run.folder, 0, cache=run.cache, case_ids=(case,),
                                     file_ending=dataset.file_ending, device="cpu", save_probabilities=True)
     assert (validation / f"{case}.nii.gz").is_file() and (validation / f"{case}.npz").is_file()
+    row, = (r for r in compare(run.folder.root.parent).rows if r.model == run.folder.root.name)
+    assert row.network == name and row.folds == ("0",) and row.dice_source == "none"
+    assert row.prediction_seconds_per_case is not None and row.prediction_seconds_per_case > 0
     predictor = Predictor.from_folder(run.folder.root, PredictOptions(tta=False, device="cpu"))
     report = predict_folder(predictor, example_dataset / "imagesTs" / "test_000_0000.nii.gz", tmp_path / "pred")
     assert report.written == ["test_000"] and not report.failed

@@ -308,3 +308,20 @@ def test_real_hippocampus(real_dataset: Path) -> None:
     full, flat = plans.configurations["3d_fullres"], plans.configurations["2d"]
     assert (full.patch_size, full.batch_size, full.topology.n_stages) == ((40, 56, 40), 7, 4)
     assert (flat.patch_size, flat.batch_size) == ((56, 40), 274)
+
+
+def test_a_family_heavier_per_voxel_is_told_its_patch_is_smaller_than_the_unets() -> None:
+    """The planner shrinks every family's patch under the same budget; when it ends below the U-Net's, the
+    configuration says so (how much context the family gives up), and only then."""
+    unet = plan(*abdominal_ct()).configurations["3d_fullres"]
+    for network in ("vnet", "resenc", "enet"):
+        config = plan(*abdominal_ct(), network=network).configurations["3d_fullres"]
+        notes = [note for note in config.notes if "U-Net's" in note]
+        if math.prod(config.patch_size) < math.prod(unet.patch_size):
+            shape = "x".join(map(str, unet.patch_size))
+            assert len(notes) == 1 and shape in notes[0] and network in notes[0], (network, config.notes)
+        else:
+            assert notes == [], network
+    assert not any("U-Net's" in note for note in unet.notes)
+    vnet = plan(*abdominal_ct(), network="vnet").configurations["3d_fullres"]
+    assert math.prod(vnet.patch_size) < math.prod(unet.patch_size)  # the case above is exercised

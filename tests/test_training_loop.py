@@ -62,6 +62,9 @@ def test_training_lowers_the_loss_and_writes_records(prepared, tmp_path: Path) -
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert records[-1]["lr"] < records[0]["lr"]
     assert set(records[-1]["pseudo_dice"]) == {"organ", "lesion"}
+    for record in records:  # what `autoseg compare` reads: training-step seconds and the measured peak memory
+        assert record["iterations"] == 4 and 0 < record["train_seconds"] <= record["epoch_seconds"]
+        assert record["memory_kind"] == "cpu_rss" and 0.05 < record["peak_memory_gib"] < 24
     for name in ("final", "latest", "best"):
         assert run.folder.checkpoint(0, name).is_file()
     assert (run.folder.fold_dir(0) / "progress.png").stat().st_size > 1000

@@ -74,3 +74,16 @@ def test_deep_supervision_weights_outputs_and_checks_lengths() -> None:
     assert value.item() == pytest.approx(expected.item(), abs=1e-6)
     with pytest.raises(ValueError):
         loss(outputs[:2], targets[:2])
+
+
+def test_groups_of_outputs_are_each_weighted_like_one_and_summed() -> None:
+    """W-Net style: the final network's maps, then an auxiliary network's, against the same targets."""
+    loss, inner = DeepSupervisionLoss(DiceCELoss(), 2), DiceCELoss()
+    targets = [torch.randint(0, 2, (2, 1, 8)), torch.randint(0, 2, (2, 1, 4))]
+    final = [torch.randn(2, 2, 8), torch.randn(2, 2, 4)]
+    auxiliary = [torch.randn(2, 2, 8), torch.randn(2, 2, 4)]
+    value = loss(final + auxiliary, targets)
+    assert value.item() == pytest.approx(loss(final, targets).item() + loss(auxiliary, targets).item(), abs=1e-6)
+    assert loss(final, targets).item() == pytest.approx(inner(final[0], targets[0]).item(), abs=1e-6)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        loss(final + auxiliary[:1], targets)

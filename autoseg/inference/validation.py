@@ -9,6 +9,7 @@ training stored it on the cache's grid (`<cache>/previous_<stage>/CASE.npy`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,8 +22,12 @@ from autoseg.inference.run import write_prediction
 from autoseg.log import get_logger, progress
 from autoseg.model_folder import ModelFolder
 from autoseg.preprocessing.cache import read_case
+from autoseg.serialization import write_json
 
 log = get_logger("inference")
+
+#: Written beside the validation predictions: how long they took.
+TIMING_FILE = "timing.json"
 
 
 def predict_validation(
@@ -33,17 +38,29 @@ def predict_validation(
     output = folder.validation_dir(fold)
     predictor = Predictor.from_folder(folder.root, PredictOptions(folds=(str(fold),), device=device))
     write_prediction_info(output, PredictionInfo.from_predictor(predictor, probabilities=save_probabilities))
+    seconds, predicted = 0.0, 0
     for case_id in progress(case_ids, description=f"validating fold {fold}"):
         target = output / f"{case_id}{file_ending}"
         if target.exists() and not overwrite:
             continue
+        started = time.perf_counter()
         data, _, properties, _ = read_case(cache, case_id, mmap=True)
         previous = None if previous_dir is None else _read_previous(previous_dir, case_id)
         prediction = predictor.predict_preprocessed(np.asarray(data), properties, previous=previous,
                                                     with_probabilities=save_probabilities)
         write_prediction(prediction, target, save_probabilities)
+        seconds, predicted = seconds + time.perf_counter() - started, predicted + 1
+    if predicted:
+        _write_timing(output, seconds, predicted, str(predictor.device))
     log.info("validation predictions of fold %s written to %s", fold, output)
     return output
+
+
+def _write_timing(output: Path, seconds: float, cases: int, device: str) -> None:
+    """timing.json: wall seconds per case of the last validation (read, sliding window with TTA, resampling
+    back, writing), on `device`; `autoseg compare` reports it."""
+    write_json(output / TIMING_FILE, {"cases": cases, "seconds": round(seconds, 3),
+                                      "seconds_per_case": round(seconds / cases, 3), "device": device})
 
 
 def _read_previous(folder: Path, case_id: str) -> np.ndarray:

@@ -13,6 +13,8 @@ own Topology (blocks per stage, decoder convs, ...); `build` turns that into a t
 * forward (b, in_channels, *patch) -> logits (b, num_classes, *patch), or, with `deep_supervision` True
   on a family that has decoder levels, a list of n_stages - 1 maps, highest resolution first, map l of
   shape patch / (cumulative stride of stages 0..l) (what the loss and the loader's targets expect);
+  a family that supervises more than one network or path (W-Net's two U-Nets, M-Net's side outputs)
+  returns k such groups one after the other, the final prediction's group first (the loss sums them);
 * a settable `deep_supervision` attribute and `output_heads` (the 1x1 heads, highest resolution first,
   which the output-bias init adjusts);
 * patches divisible by `topology.total_stride`.

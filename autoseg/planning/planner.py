@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,6 +174,7 @@ def _configure(
     if not ok:
         raise _too_small(name, topology, patch, setting=setting)
     batch, notes = _batch_size(topology, patch, dataset_voxels=dataset_voxels, setting=setting)
+    notes += _smaller_patch_note(spacing, median, patch, fits_min_batch, setting)
     sizes = {"in_channels": setting.in_channels, "num_classes": setting.num_classes}
     config = Configuration(
         name=name,
@@ -218,6 +219,22 @@ def _batch_size(
         note = f"batch limited to 5% of the dataset's voxels (memory would allow {by_memory})"
         return batch, (note if by_dataset >= MIN_BATCH_SIZE else note + f"; raised to the minimum {batch}",)
     return batch, ()
+
+
+def _smaller_patch_note(spacing: Sequence[float], median: Sequence[float], patch: tuple[int, ...],
+                        fits_min_batch: Callable[[Topology, tuple[int, ...]], bool], setting: _Setting
+                        ) -> tuple[str, ...]:
+    """A note when the family's patch is smaller than the default U-Net's at this spacing and budget (a
+    network that is heavier per voxel, e.g. one that never downsamples, gets less context per sample)."""
+    default = NETWORKS.get(DEFAULT_NETWORK)
+    if setting.family.name == default.name:
+        return ()
+    _, unet_patch, _ = fit_patch(spacing, median, fits_min_batch, make=default.plan_topology)
+    if math.prod(patch) >= math.prod(unet_patch):
+        return ()
+    share = math.prod(patch) / math.prod(unet_patch)
+    return (f"patch {'x'.join(map(str, patch))} is {share:.0%} of the U-Net's {'x'.join(map(str, unet_patch))} "
+            f"at this spacing and budget: {setting.family.name} needs more memory per voxel",)
 
 
 def _unet_fits_in(spacing: Sequence[float], median: Sequence[float]) -> bool:

@@ -123,3 +123,18 @@ def keep_freed_memory() -> bool:
     if ok:
         log.debug("glibc keeps freed memory for reuse (fewer page faults)")
     return ok
+
+
+def peak_memory(device: Any) -> tuple[float, str]:
+    """(GiB, kind) of this process's peak memory so far: on CUDA the tensors torch allocated on `device`
+    (`cuda_allocated`, what the planner's estimate predicts), elsewhere the resident set (`cpu_rss`,
+    which also holds the interpreter, torch and the data loader's buffers)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_allocated"
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20), "cpu_rss"

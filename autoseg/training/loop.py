@@ -22,6 +22,7 @@ from autoseg.model_folder import ModelFolder, PreviousStage, load_checkpoint, sa
 from autoseg.planning.contract import Configuration
 from autoseg.planning.identifier import DEFAULT_PLANS
 from autoseg.preprocessing.previous import previous_dir
+from autoseg.runtime.device import peak_memory
 from autoseg.runtime.distributed import RuntimeContext, all_reduce_mean, all_reduce_sum, barrier, unwrap_model
 from autoseg.runtime.signals import StopSignals
 from autoseg.training.augment import resolve as resolve_augmentation
@@ -177,7 +178,11 @@ def _epoch(run: FoldRun, settings: TrainingSettings, context: RuntimeContext, ob
             seconds = (time.perf_counter() - started) / (step + 1)
             log.info("epoch %d: iteration %d/%d, loss %.4f, %.2f s per iteration", state.epoch + 1, step + 1,
                      settings.iterations_per_epoch, float(np.mean(losses[-report_every:])), seconds)
-    record: dict[str, Any] = {"epoch": state.epoch, "lr": lr, "train_loss": _mean(losses, context)}
+    train_seconds = time.perf_counter() - started
+    memory, memory_kind = peak_memory(context.device)
+    record: dict[str, Any] = {"epoch": state.epoch, "lr": lr, "train_loss": _mean(losses, context),
+                              "iterations": settings.iterations_per_epoch, "train_seconds": train_seconds,
+                              "peak_memory_gib": memory, "memory_kind": memory_kind}
     record.update(_validate(run, settings, context, objects, val_loader))
     mean_dice = float(np.nanmean(list(record["pseudo_dice"].values()))) if record["pseudo_dice"] else float("nan")
     if not math.isnan(mean_dice):

@@ -89,7 +89,12 @@ def deep_supervision_weights(n_outputs: int) -> list[float]:
 
 
 class DeepSupervisionLoss(nn.Module):
-    """Weighted sum of a loss over several outputs and their matching targets."""
+    """Weighted sum of a loss over several outputs and their matching targets.
+
+    A family may return k groups of outputs (k * n maps: the final network's n maps first, then each
+    auxiliary network's or side path's n maps, every group highest resolution first, e.g. W-Net's first
+    U-Net): every group is weighted like the single one and the groups' losses are summed, so the final
+    group's loss, and its gradient, is the one a single network would get."""
 
     def __init__(self, loss: nn.Module, n_outputs: int) -> None:
         super().__init__()
@@ -97,8 +102,10 @@ class DeepSupervisionLoss(nn.Module):
         self.weights = deep_supervision_weights(n_outputs)
 
     def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
-        if len(outputs) != len(self.weights) or len(targets) != len(self.weights):
-            raise ValueError(f"expected {len(self.weights)} outputs and targets, got {len(outputs)}, {len(targets)}")
+        n = len(self.weights)
+        if not outputs or len(outputs) % n or len(targets) < n:
+            raise ValueError(f"expected a multiple of {n} outputs and {n} targets, got {len(outputs)}, "
+                             f"{len(targets)}")
         # zero-weight outputs stay in the graph (their gradient is 0), which keeps DDP's bookkeeping simple
-        terms = [w * self.loss(o, t) for w, o, t in zip(self.weights, outputs, targets)]
+        terms = [self.weights[i % n] * self.loss(o, targets[i % n]) for i, o in enumerate(outputs)]
         return torch.stack(terms).sum()
