@@ -20,11 +20,16 @@ ct     prediction time on a synthetic CT-like volume (default 1 x 160 x 320 x 32
        (seed 0), autoseg's sliding window (step 0.5, Gaussian, no TTA unless --tta), fp32, one tile per
        forward pass; each family in a fresh process (seconds, tiles, peak RSS).
 
+pairs  every pair of families that `real` trained with the same budget and seed: fold 0's validation
+       probabilities averaged (`autoseg ensemble`) and evaluated on the same cases; the table lists the best
+       pairs next to the best single family (issue 15: does combining families trained differently help?).
+
 Each run appends one JSON line to --out (a rerun skips what is there); the Markdown tables are printed at
 the end (`table` prints them from --out alone).
 
     python benchmarks/bench_families.py real --iterations 250 --work /tmp/bf
     python benchmarks/bench_families.py real --families unet enet --iterations 250 --work /tmp/bf
+    python benchmarks/bench_families.py pairs --work /tmp/bf
     python benchmarks/bench_families.py ct --families enet unet --work /tmp/bf
 """
 
@@ -39,6 +44,8 @@ import time
 from pathlib import Path
 
 from bench_learning import DEFAULT_RAW, done_runs, summary_dice
+
+from autoseg.serialization import to_jsonable
 
 #: Runs a command and prints the largest RSS (KiB) of its process tree's members to stderr.
 RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
@@ -114,13 +121,44 @@ def run_real(args: argparse.Namespace) -> None:
                   "patch": list(config.patch_size), "batch": config.batch_size,
                   "estimated_gb": round(config.estimated_memory_gb, 2), "train_peak_rss_gb": round(rss, 2),
                   "train_seconds": round(train_seconds, 1),
-                  "seconds_per_iteration": round(sum(m["epoch_seconds"] for m in metrics)
+                  "seconds_per_iteration": round(sum(m.get("train_seconds", m["epoch_seconds"]) for m in metrics)
                                                  / (args.epochs * args.iterations), 3),
                   "predict_seconds_per_case": round(predict_seconds / len(images), 2),
                   "validation_dice": summary_dice(json.loads((fold / "validation" / "summary.json").read_text())),
                   "pseudo_dice": metrics[-1]["pseudo_dice"], "cpu": cpu_name()}
         with args.out.open("a") as handle:
             handle.write(json.dumps(result) + "\n")
+
+
+def run_pairs(args: argparse.Namespace) -> None:
+    """Every pair of families trained by `real` (same budget and seed): fold 0's validation probabilities
+    averaged (`autoseg ensemble`) and evaluated on the same cases as each member; one line per pair."""
+    from itertools import combinations
+
+    from autoseg import api
+    from autoseg.paths import resolve_dataset
+    from autoseg.planning.identifier import plans_identifier
+
+    os.environ.update({"AUTOSEG_RAW": os.environ.get("AUTOSEG_RAW", str(args.raw)),
+                       "AUTOSEG_PREPROCESSED": str(args.work / "preprocessed"),
+                       "AUTOSEG_RESULTS": str(args.work / "results")})
+    location = resolve_dataset(args.dataset)
+    trained = [r for r in done_runs(args.out) if r["task"] == "real" and r["epochs"] == args.epochs
+               and r["iterations"] == args.iterations and r["seed"] == args.seed]
+    folders = {r["family"]: location.results / f"3d_fullres__{plans_identifier(r['family'])}" / "fold_0" / "validation"
+               for r in trained}
+    for first, second in combinations(sorted(folders), 2):
+        key = {"task": "pair", "families": [first, second], "dataset": args.dataset, "epochs": args.epochs,
+               "iterations": args.iterations, "seed": args.seed}
+        if any(all(run.get(k) == v for k, v in key.items()) for run in done_runs(args.out)):
+            continue
+        output = args.work / "pairs" / f"{first}__{second}"
+        api.ensemble([folders[first], folders[second]], output, overwrite=True, workers=2)
+        summary = api.evaluate(output, location.raw / "labelsTr", dataset=args.dataset, workers=2)
+        with args.out.open("a") as handle:
+            handle.write(json.dumps({**key, "validation_dice": summary_dice(to_jsonable(summary)),
+                                     "cases": len(summary.cases)}) + "\n")
+        print(f"pair {first} + {second}: {summary.foreground_mean:.4f}", flush=True)
 
 
 def ct_topology():
@@ -196,6 +234,7 @@ def table(runs: list[dict]) -> str:
                          f"{'x'.join(map(str, r['patch']))}, {r['batch']} | {r['seconds_per_iteration']:.2f} | "
                          f"{r['predict_seconds_per_case']:.2f} | {r['estimated_gb']:.2f} | "
                          f"{r['train_peak_rss_gb']:.2f} |")
+    lines += pair_table(runs)
     ct = [r for r in runs if r["task"] == "ct"]
     if ct:
         lines += ["", "| family (CT plan, patch 128^3) | volume | tiles | parameters | seconds | peak RSS GiB |",
@@ -207,13 +246,34 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pair_table(runs: list[dict]) -> list[str]:
+    """The best pairs (mean foreground Dice) next to the best single family, on the same validation cases."""
+    pairs = [r for r in runs if r["task"] == "pair"]
+    if not pairs:
+        return []
+
+    def mean(run: dict) -> float:
+        values = [v for v in run["validation_dice"].values() if v is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    singles = [r for r in runs if r["task"] == "real" and (r["epochs"], r["iterations"], r["seed"]) ==
+               (pairs[0]["epochs"], pairs[0]["iterations"], pairs[0]["seed"])]
+    best_single = max(singles, key=mean)
+    lines = ["", "| setup (fold 0 validation) | Dice per class | mean |", "|---|---|---|"]
+    for name, run in [(f"best single: `{best_single['family']}`", best_single)] + \
+            [(" + ".join(f"`{f}`" for f in r["families"]), r) for r in sorted(pairs, key=mean, reverse=True)[:5]]:
+        dice = " / ".join("-" if d is None else f"{d:.3f}" for d in run["validation_dice"].values())
+        lines.append(f"| {name} | {dice} | {mean(run):.4f} |")
+    return lines
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "_child":
         print(json.dumps(child_ct(json.loads(sys.argv[2]))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("task", choices=("real", "ct", "table"))
+    parser.add_argument("task", choices=("real", "pairs", "ct", "table"))
     parser.add_argument("--families", nargs="+", help="default: every registered family (real), enet unet (ct)")
     parser.add_argument("--dataset", default="Dataset004_Hippocampus")
     parser.add_argument("--raw", type=Path, default=DEFAULT_RAW)
@@ -231,6 +291,8 @@ def main() -> None:
     args.out = args.out or args.work / "results.jsonl"
     if args.task == "real":
         run_real(args)
+    elif args.task == "pairs":
+        run_pairs(args)
     elif args.task == "ct":
         run_ct(args)
     print(table(done_runs(args.out)))
