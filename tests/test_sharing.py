@@ -172,11 +172,77 @@ def test_unpacking_refuses_links_and_tampered_files(archive: Path, tmp_path: Pat
         changed = zipped.read(member).replace(b"{", b"{ ", 1)
     with pytest.raises(ArchiveError, match="damaged"):
         install_model(_tampered(archive, tmp_path / "changed.zip", replace={member: changed}), root)
-    assert not (root / DATASET).exists() and [p.name for p in root.iterdir()] == []
+    assert not root.exists()  # refused before the results root is even created
     extra = _tampered(archive, tmp_path / "extra.zip", add={f"{DATASET}/3d_fullres__autoseg/fold_4/checkpoint_final.pt":
                                                                b"x"})
     with pytest.raises(ArchiveError, match="manifest"):
         install_model(extra, root)
+
+
+def _with_manifest(archive: Path, target: Path, edit, *, members: dict[str, tuple[bytes, int]] | None = None) -> Path:
+    """A copy of `archive` whose manifest is `edit(manifest dict)` (members replaced by (data, method) first)."""
+    import hashlib
+
+    with zipfile.ZipFile(archive) as source:
+        manifest = json.loads(source.read(MANIFEST))
+        contents = {i.filename: (source.read(i.filename), i.compress_type) for i in source.infolist()}
+    for name, (data, method) in (members or {}).items():
+        contents[name] = (data, method)
+        entry = next(f for f in manifest["files"] if f["path"] == name)
+        entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    edit(manifest)
+    contents[MANIFEST] = (json.dumps(manifest).encode(), zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(target, "w") as sink:
+        for name, (data, method) in contents.items():
+            sink.writestr(zipfile.ZipInfo(name), data, compress_type=method)
+    return target
+
+
+def _set(path: str, value):
+    def edit(manifest: dict) -> None:
+        *parents, key = path.split(".")
+        node = manifest
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node[part]
+        node[key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit", [
+    _set("postprocessing", "../../victim/postprocessing.json"), _set("postprocessing", "/tmp/victim.json"),
+    _set("models.0.folder", "../victim"), _set("models.0.folder", "/tmp/victim__x"),
+    _set("models.0.folds", ["../0"]), _set("dataset", ".."), _set("checkpoint", "../../final"),
+    _set("models", []),
+])
+def test_manifest_paths_are_checked_like_zip_entries(archive: Path, tmp_path: Path, edit) -> None:
+    """Issue 19 S1/S2: a manifest naming paths outside the results root is refused before anything moves."""
+    root = tmp_path / "root"
+    victim = root / "victim"
+    victim.mkdir(parents=True)
+    (victim / "keep.txt").write_text("mine")
+    bad = _with_manifest(archive, tmp_path / "bad.zip", edit)
+    with pytest.raises(ArchiveError, match="manifest"):
+        install_model(bad, root)
+    with pytest.raises(ArchiveError, match="manifest"):
+        read_manifest(bad)
+    assert sorted(p.name for p in root.iterdir()) == ["victim"] and (victim / "keep.txt").read_text() == "mine"
+
+
+def test_oversized_manifest_and_inflating_checkpoints_are_refused_before_unpacking(archive: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Issue 19 S3: caps checked on the zip's declared sizes, before reading or writing anything large."""
+    root = tmp_path / "root"
+    padded = _with_manifest(archive, tmp_path / "big.zip", lambda m: m.update(pad=" " * (9 * 2**20)))
+    with pytest.raises(ArchiveError, match="manifest is 9 MiB"):
+        install_model(padded, root)
+    member = f"{DATASET}/3d_fullres__autoseg/fold_0/checkpoint_final.pt"
+    bomb = _with_manifest(archive, tmp_path / "bomb.zip", lambda m: None,
+                          members={member: (bytes(32 * 2**20), zipfile.ZIP_DEFLATED)})
+    with pytest.raises(ArchiveError, match="inflates too much"):
+        install_model(bomb, root)
+    assert not (root / DATASET).exists()
+    with pytest.raises(ArchiveError, match="damaged: another size"):
+        install_model(_with_manifest(archive, tmp_path / "size.zip", _set("files.0.size", 1)), root)
 
 
 def test_not_a_zip_and_existing_installs_are_clear_errors(archive: Path, tmp_path: Path) -> None:

@@ -38,6 +38,13 @@ RULES_NAME = "postprocessing.json"
 KEPT_CHECKPOINT_KEYS = ("network", "mirror_axes", "epoch", "total_epochs")
 _MODEL_FILES = ("plans.json", "dataset.json", "training.json")
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+#: Caps checked before anything is unpacked: a manifest or JSON file larger than this is not one autoseg
+#: wrote, and a checkpoint (weights barely compress; export stores them) that inflates more than
+#: MAX_CHECKPOINT_RATIO times is a zip bomb.
+MAX_MANIFEST_BYTES = 8 * 2**20
+MAX_JSON_BYTES = 64 * 2**20
+MAX_CHECKPOINT_RATIO = 8
+_FOLD = re.compile(r"\d+|all")
 _ALLOWED = (
     re.compile(rf"{re.escape(MANIFEST)}"),
     re.compile(rf"{_PART}/{_PART}__{_PART}/(plans|dataset|training)\.json"),
@@ -240,14 +247,77 @@ def load_manifest(archive: Path, zipped: zipfile.ZipFile) -> ArchiveManifest:
     if MANIFEST not in zipped.namelist():
         raise ArchiveError(f"no {MANIFEST} in the archive", path=archive,
                            hint="use an archive written by `autoseg export-model`")
-    data = json.loads(zipped.read(MANIFEST).decode("utf-8"))
+    size = zipped.getinfo(MANIFEST).file_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ArchiveError(f"the manifest is {size / 2**20:.0f} MiB (at most {MAX_MANIFEST_BYTES // 2**20} MiB); "
+                           "nothing was unpacked", path=archive,
+                           hint="use an archive written by `autoseg export-model`")
+    with zipped.open(MANIFEST) as source:  # reads at most the declared size
+        text = source.read(MAX_MANIFEST_BYTES + 1)
+    try:
+        data = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ArchiveError(f"{MANIFEST} is not valid JSON ({err})", path=archive,
+                           hint="use an archive written by `autoseg export-model`") from err
     if not isinstance(data, dict) or data.get("format") != ARCHIVE_FORMAT:
         raise ArchiveError(f"archive format {data.get('format') if isinstance(data, dict) else None!r}, this autoseg "
                            f"reads format {ARCHIVE_FORMAT}", path=archive, hint="export it again with this version")
-    manifest: ArchiveManifest = from_jsonable(ArchiveManifest, data)
+    try:
+        manifest: ArchiveManifest = from_jsonable(ArchiveManifest, data)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ArchiveError(f"{MANIFEST} does not describe a model archive ({err})", path=archive,
+                           hint="use an archive written by `autoseg export-model`") from err
+    _check_manifest_paths(archive, manifest)
     listed = {f.path for f in manifest.files}
     present = set(zipped.namelist()) - {MANIFEST}
     if listed != present or any(not f.path.startswith(f"{manifest.dataset}/") for f in manifest.files):
         raise ArchiveError("the archive's files do not match its manifest", path=archive,
                            hint="the archive was changed after export: export it again")
+    _check_sizes(archive, manifest, zipped)
     return manifest
+
+
+def _check_manifest_paths(archive: Path, manifest: ArchiveManifest) -> None:
+    """Every name the manifest gives (dataset, model folders, folds, checkpoint, rules) has the exported form,
+    so no path built from it can leave the results root or name another folder; and every model's files are
+    listed."""
+    problems = []
+    if not isinstance(manifest.dataset, str) or not re.fullmatch(_PART, manifest.dataset):
+        problems.append(f"dataset {manifest.dataset!r}")
+    if manifest.checkpoint not in CHECKPOINT_NAMES:
+        problems.append(f"checkpoint {manifest.checkpoint!r}")
+    folders = [model.folder for model in manifest.models]
+    if not folders or len(set(folders)) != len(folders):
+        problems.append("models (none, or one listed twice)")
+    for model in manifest.models:
+        if not isinstance(model.folder, str) or not re.fullmatch(rf"{_PART}__{_PART}", model.folder):
+            problems.append(f"model folder {model.folder!r}")
+        if not model.folds or any(not isinstance(f, str) or not _FOLD.fullmatch(f) for f in model.folds):
+            problems.append(f"folds {model.folds!r}")
+    if manifest.postprocessing not in (None, f"{manifest.dataset}/{RULES_NAME}"):
+        problems.append(f"postprocessing {manifest.postprocessing!r}")
+    if problems:
+        raise ArchiveError(f"the manifest names unexpected paths: {'; '.join(problems)} (nothing was unpacked)",
+                           path=archive, hint="use an archive written by `autoseg export-model`")
+    listed = {f.path for f in manifest.files}
+    needed = {f"{manifest.dataset}/{m.folder}/{name}" for m in manifest.models for name in _MODEL_FILES}
+    needed |= {f"{manifest.dataset}/{m.folder}/fold_{fold}/checkpoint_{manifest.checkpoint}.pt"
+               for m in manifest.models for fold in m.folds}
+    needed |= {manifest.postprocessing} if manifest.postprocessing else set()
+    if needed - listed:
+        raise ArchiveError(f"the manifest lacks {', '.join(sorted(needed - listed)[:3])}", path=archive,
+                           hint="the archive is incomplete: export it again")
+
+
+def _check_sizes(archive: Path, manifest: ArchiveManifest, zipped: zipfile.ZipFile) -> None:
+    """Refuse before unpacking: sizes that differ from the zip's own, oversized JSON, checkpoints that inflate
+    like a zip bomb."""
+    for entry in manifest.files:
+        info = zipped.getinfo(entry.path)
+        bomb = entry.path.endswith(".pt") and info.file_size > MAX_CHECKPOINT_RATIO * max(info.compress_size, 1)
+        oversized = entry.path.endswith(".json") and info.file_size > MAX_JSON_BYTES
+        if entry.size != info.file_size or bomb or oversized:
+            why = "inflates too much" if bomb else "is too large" if oversized else \
+                f"is damaged: another size than the manifest's {entry.size}"
+            raise ArchiveError(f"{entry.path} {why} ({info.file_size} bytes from {info.compress_size}); nothing was "
+                               "unpacked", path=archive, hint="download or export the archive again")
