@@ -22,6 +22,7 @@ from typing import Any
 from autoseg.dataset.contract import Dataset
 from autoseg.errors import AutosegError
 from autoseg.planning.contract import Configuration, Plans
+from autoseg.planning.sanity import plans_problems
 from autoseg.serialization import atomic_write, load_contract, save_contract
 
 CHECKPOINT_NAMES = ("final", "best", "latest")
@@ -83,7 +84,13 @@ class ModelFolder:
         if not self.plans_file.is_file():
             raise CheckpointError("not a model folder (no plans.json)", path=self.root,
                                   hint="point at the folder that `autoseg train` wrote")
-        return load_contract(self.plans_file, Plans, rerun="autoseg train (the plans format changed)")
+        plans = load_contract(self.plans_file, Plans, rerun="autoseg train (the plans format changed)")
+        problems = plans_problems(plans)
+        if problems:
+            raise CheckpointError(f"plans.json asks for values no network can be built from: {'; '.join(problems[:4])}",
+                                  path=self.plans_file, hint="use plans written by `autoseg plan`, or fix these "
+                                                             "values by hand")
+        return plans
 
 
 @dataclass(frozen=True)

@@ -320,3 +320,20 @@ def test_problem_reads_as_one_line() -> None:
 @pytest.mark.realdata
 def test_real_dataset_is_clean(real_dataset: Path) -> None:
     assert check_dataset(real_dataset, workers=2) == []
+
+
+def test_hostile_dataset_json_gives_problems_quickly(tmp_path: Path) -> None:
+    """Issue 19: 10^5 duplicated label keys are checked in linear time; a deeply nested file is one problem."""
+    import time
+
+    from autoseg.dataset.load import _read_json
+
+    keys = ", ".join(f'"l{i % 50000}": {i}' for i in range(100000))
+    path = tmp_path / "dataset.json"
+    path.write_text(f'{{"labels": {{{keys}}}}}')
+    started = time.perf_counter()
+    _, problems = _read_json(path)
+    assert time.perf_counter() - started < 5 and len(problems) == 50000  # O(n^2) took minutes
+    path.write_text("[" * 100000 + "]" * 100000)
+    data, problems = _read_json(path)
+    assert data is None and [p.fault for p in problems] == ["nested too deeply to be a dataset.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from autoseg.errors import ImageReadError
 from autoseg.io import Geometry, file_ending, read_header, read_images, read_label, write_image, write_label
 from autoseg.io.geometry import geometry_from_affine
+from autoseg.io.readers import read_array
 
 
 def _rotation(angle: float) -> tuple[float, ...]:
@@ -124,3 +126,58 @@ def test_truncated_nifti_and_nan_voxels_are_not_hidden(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="cannot read") as err:
         read_images([path])
     assert "truncated" in err.value.hint
+
+
+@pytest.mark.parametrize("ending", [".nii", ".nii.gz", ".mha", ".mhd", ".nrrd"])
+def test_a_header_claiming_more_voxels_than_the_file_holds_is_refused_before_allocating(tmp_path: Path,
+                                                                                       ending: str) -> None:
+    """Issue 19 S3: a tiny file whose header claims 1024^3 float32 voxels (4 GiB) is refused from the header."""
+    small = tmp_path / f"small{ending}"
+    write_image(np.zeros((4, 4, 4), np.float32), Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                                                          (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)), small)
+    claim = tmp_path / f"claim{ending}"
+    if ending in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        header = nib.Nifti1Header()
+        header.set_data_dtype(np.float32)
+        header.set_data_shape((1024, 1024, 1024))
+        raw = header.binaryblock + b"\0" * 4 + b"\0" * 100
+        claim.write_bytes(gzip.compress(raw) if ending == ".nii.gz" else raw)
+    else:
+        text = small.read_bytes()
+        text = text.replace(b"DimSize = 4 4 4", b"DimSize = 1024 1024 1024").replace(b"sizes: 4 4 4",
+                                                                                   b"sizes: 1024 1024 1024")
+        claim.write_bytes(text)
+        if ending == ".mhd":
+            for data in tmp_path.glob("small.*raw*"):
+                data.rename(tmp_path / data.name.replace("small", "claim"))
+            claim.write_bytes(claim.read_bytes().replace(b"small.", b"claim."))
+    with pytest.raises(ImageReadError, match=r"claims 1024x1024x1024 voxels \(4.0 GiB\)"):
+        read_array(claim)
+    if ending != ".mhd":  # the original file still reads (its claim is honest)
+        assert read_array(small)[0].shape == (4, 4, 4)
+
+
+@pytest.mark.parametrize("ending", [".mhd", ".nhdr"])
+def test_detached_formats_are_written_atomically(tmp_path: Path, ending: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19 D1: a write killed half-way leaves no header under the final name (a rerun would skip it)."""
+    import SimpleITK as sitk
+
+    array = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    target = tmp_path / f"case{ending}"
+    write_image(array, OBLIQUE.__class__((3, 4, 5), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
+                                         (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)), target)
+    assert np.array_equal(read_array(target)[0], array)
+    real_write = sitk.WriteImage
+
+    def dies_after_the_data(image, name, *args, **kwargs):
+        real_write(image, name, *args, **kwargs)
+        Path(name).unlink()  # the header was still being written when the process died
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(sitk, "WriteImage", dies_after_the_data)
+    other = tmp_path / f"other{ending}"
+    with pytest.raises(OSError, match="No space"):
+        write_image(array, read_array(target)[1], other)
+    assert not other.exists() and not list(tmp_path.glob(".autoseg-partial-*"))

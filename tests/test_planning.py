@@ -325,3 +325,23 @@ def test_a_family_heavier_per_voxel_is_told_its_patch_is_smaller_than_the_unets(
     assert not any("U-Net's" in note for note in unet.notes)
     vnet = plan(*abdominal_ct(), network="vnet").configurations["3d_fullres"]
     assert math.prod(vnet.patch_size) < math.prod(unet.patch_size)  # the case above is exercised
+
+
+def test_every_planned_configuration_is_within_the_sanity_bounds_and_absurd_values_are_named() -> None:
+    """Issue 19 S3: what a plans file from elsewhere must respect; nothing the planner writes comes near."""
+    from autoseg.model.families import NETWORKS
+    from autoseg.planning.sanity import plans_problems
+
+    for fingerprint in (hippocampus, abdominal_ct):
+        for network in ("unet", "fullnet", "refinenet", "enet"):
+            assert plans_problems(plan(*fingerprint(), network=network)) == [], network
+    assert "unet" in NETWORKS
+    plans = plan(*hippocampus())
+    config = plans.configurations["3d_fullres"]
+    absurd = dataclasses.replace(config, patch_size=(100000,) * 3, spacing=(1e-4, 1.0, 1.0),
+                                 topology=dataclasses.replace(config.topology, features_per_stage=(100000,) * 4))
+    problems = plans_problems(dataclasses.replace(plans, configurations={"3d_fullres": absurd},
+                                                  transpose_forward=(0, 0, 1)))
+    text = "; ".join(problems)
+    assert len(problems) == 4 and "patch (100000, 100000, 100000)" in text and "spacing (0.0001" in text
+    assert "features (100000" in text and "transpose_forward (0, 0, 1)" in text

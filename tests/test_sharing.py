@@ -20,7 +20,7 @@ from autoseg.cli import app
 from autoseg.evaluation.find_best import BEST_FILE, RULES_NAME, BestChoice
 from autoseg.inference import PredictOptions
 from autoseg.io.readers import read_label
-from autoseg.model_folder import ModelFolder
+from autoseg.model_folder import CheckpointError, ModelFolder
 from autoseg.serialization import save_contract, write_json
 from autoseg.sharing import ArchiveError, export_model, install_model, read_manifest
 from autoseg.sharing.archive import MANIFEST
@@ -243,6 +243,20 @@ def test_oversized_manifest_and_inflating_checkpoints_are_refused_before_unpacki
     assert not (root / DATASET).exists()
     with pytest.raises(ArchiveError, match="damaged: another size"):
         install_model(_with_manifest(archive, tmp_path / "size.zip", _set("files.0.size", 1)), root)
+
+
+def test_absurd_plans_are_refused_on_install(archive: Path, tmp_path: Path) -> None:
+    """Issue 19 S3: a well-formed archive whose plans ask for a 100000^3 patch never gets installed."""
+    member = f"{DATASET}/3d_fullres__autoseg/plans.json"
+    with zipfile.ZipFile(archive) as zipped:
+        plans = json.loads(zipped.read(member))
+    plans["configurations"]["3d_fullres"]["patch_size"] = [100000] * 3
+    bad = _with_manifest(archive, tmp_path / "plans.zip", lambda m: None,
+                         members={member: (json.dumps(plans).encode(), zipfile.ZIP_DEFLATED)})
+    root = tmp_path / "root"
+    with pytest.raises(CheckpointError, match="patch \\(100000, 100000, 100000\\)"):
+        install_model(bad, root)
+    assert [p.name for p in root.iterdir()] == []
 
 
 def test_not_a_zip_and_existing_installs_are_clear_errors(archive: Path, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +90,8 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
     duplicates: list[str] = []
 
     def keep_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        duplicates.extend(sorted({k for k in keys if keys.count(k) > 1}))
+        counts = Counter(k for k, _ in pairs)  # linear: a million labels must not take hours
+        duplicates.extend(sorted(k for k, n in counts.items() if n > 1))
         return dict(pairs)
 
     try:
@@ -99,6 +99,9 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return None, [Problem(str(path), f"not valid JSON ({err})",
                               "fix the syntax (python -m json.tool FILE)")]
+    except RecursionError:
+        return None, [Problem(str(path), "nested too deeply to be a dataset.json",
+                              "see docs/dataset-format.md for its few levels of nesting")]
     if not isinstance(data, dict):
         return None, [Problem(str(path), "top level is not a JSON object", "see docs/dataset-format.md")]
     problems = [Problem(str(path), f"key {k!r} appears more than once (only the last counts)",

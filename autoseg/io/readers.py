@@ -7,6 +7,7 @@ Arrays come back in autoseg's (z, y, x) order; channels are stacked first: (c, z
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Sequence
@@ -61,6 +62,7 @@ def read_array(path: str | Path) -> tuple[np.ndarray, Geometry, int]:
 
     path = Path(path)
     _require_file(path)
+    _check_claimed_size(path)
     if file_ending(path) in (".nii", ".nii.gz"):
         nifti = _read_nifti(path)
         if nifti is not None:
@@ -82,6 +84,55 @@ def read_array(path: str | Path) -> tuple[np.ndarray, Geometry, int]:
     if image.GetDimension() == 2:
         array = array[None]
     return array, Geometry.from_sitk(image), components
+
+
+#: Deflate (gzip, zlib) never inflates more than ~1032 times: a header that claims more voxel bytes than
+#: the file could hold at twice that is lying, and reading it would allocate the claim first.
+MAX_INFLATION = 2048
+
+
+def _check_claimed_size(path: Path) -> None:
+    """ImageReadError when the header claims far more voxel bytes than the file can hold (a 452-byte file
+    claiming 1024^3 float32 would otherwise cost 4 GiB before failing). Detached data files (.mhd, .nhdr)
+    are measured where the header names one; bzip2-encoded NRRD is not bounded by deflate and is skipped."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # the reader below reports what is wrong
+    size, components = reader.GetSize(), reader.GetNumberOfComponents()
+    component_bytes = sitk.Image([1] * len(size), reader.GetPixelID(), components).GetSizeOfPixelComponent()
+    claimed = math.prod(size) * components * component_bytes
+    stored = _stored_bytes(path)
+    if stored is not None and claimed > stored * MAX_INFLATION:
+        raise ImageReadError(
+            f"the header claims {'x'.join(map(str, size))} voxels ({claimed / 2**30:.1f} GiB) but the file holds "
+            f"{stored} bytes",
+            path=path, hint="the header is corrupt or the file is truncated: export or download it again")
+
+
+def _stored_bytes(path: Path) -> int | None:
+    """Bytes that hold the voxels: the file itself, or the detached data file its header names."""
+    if file_ending(path) not in (".mhd", ".nhdr", ".nrrd"):
+        return path.stat().st_size
+    with open(path, "rb") as handle:
+        header = handle.read(65536).decode("latin-1")
+    if "bzip2" in header or "bz2" in header:
+        return None
+    if file_ending(path) == ".nrrd":
+        return path.stat().st_size
+    key = "ElementDataFile" if file_ending(path) == ".mhd" else "data file"
+    for line in header.splitlines():
+        name, _, value = line.partition("=" if key == "ElementDataFile" else ":")
+        if name.strip().lower() in (key.lower(), "datafile"):
+            if value.strip().upper() == "LOCAL":
+                return path.stat().st_size
+            data = path.parent / value.strip()
+            return data.stat().st_size if data.is_file() else None
+    return None
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry, int] | None:
@@ -191,7 +242,7 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None
     # written beside the target under a name with the same ending (the format follows it), then renamed:
     # an interrupted run never leaves a half-written image under the final name
     if file_ending(path) in (".mhd", ".nhdr"):  # detached data file: its name is inside the header
-        sitk.WriteImage(image, str(path), useCompression=True)
+        _write_detached(image, path)
         return
     # a plain temporary name: ITK reads meaning into inner dots (".img" would make NIfTI write Analyze pairs)
     tmp = path.with_name(f".autoseg-partial-{os.getpid()}-{threading.get_ident()}{file_ending(path)}")
@@ -200,6 +251,24 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_detached(image: object, path: Path) -> None:
+    """Header + data file pairs (.mhd/.raw, .nhdr/.raw.gz) written under their final names in a private
+    folder beside the target, then moved: the data file first, the header last, so a header under the
+    final name always points at complete data (a rerun that sees it may skip the case)."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    staging = path.parent / f".autoseg-partial-{os.getpid()}-{threading.get_ident()}"
+    staging.mkdir(exist_ok=True)
+    try:
+        sitk.WriteImage(image, str(staging / path.name), useCompression=True)
+        for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(written, path.parent / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_label(array: np.ndarray, geometry: Geometry, path: str | Path) -> None:
