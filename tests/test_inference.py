@@ -87,12 +87,17 @@ def test_bad_cases_fail_alone_with_clear_messages(model: ModelFolder, example_da
     shutil.copy(good, source / "good_0000.nii.gz")
     (source / "broken_0000.nii.gz").write_bytes(good.read_bytes()[:200])
     shutil.copy(good, source / "wrongchannel_0001.nii.gz")
+    (array,), geometry = read_images([good])
+    array[::10] = np.nan  # a tenth of the slices: normalisation would make the whole scan NaN (issue 19 D2)
+    write_image(array, geometry, source / "holes_0000.nii.gz")
     predictor = Predictor.from_folder(model.root, PredictOptions(folds=("0",), tta=False))
     report = predict_folder(predictor, source, tmp_path / "out")
     assert report.written == ["good"]
-    assert set(report.failed) == {"broken", "wrongchannel"}
+    assert set(report.failed) == {"broken", "wrongchannel", "holes"}
     assert "broken_0000.nii.gz" in report.failed["broken"]
     assert "missing channel(s) [0]" in report.failed["wrongchannel"]
+    assert "NaN or infinite" in report.failed["holes"] and "channel 0" in report.failed["holes"]
+    assert not (tmp_path / "out" / "holes.nii.gz").exists()
 
 
 def test_a_two_d_file_for_a_three_d_model_is_a_clear_error(model: ModelFolder, tmp_path: Path) -> None:

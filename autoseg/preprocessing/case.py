@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autoseg.errors import ImageReadError
 from autoseg.io.geometry import Geometry
 from autoseg.planning.contract import Configuration, Plans
 from autoseg.preprocessing.contract import CaseProperties
@@ -58,6 +59,7 @@ def preprocess_arrays(
     `classes` maps a class key to the label values it covers (one value for plain labels,
     several for regions); locations are sampled for each key when a label is given.
     """
+    check_finite(images, plans.channel_names)
     order = plans.transpose_forward
     images = images.transpose(0, *(axis + 1 for axis in order))
     label = None if label is None else label.transpose(order)
@@ -75,6 +77,19 @@ def preprocess_arrays(
     locations = sample_locations(seg, classes, seed=LOCATION_SEED) if label is not None and classes else {}
     return PreprocessedCase(data=data, seg=seg, box=box, spacing_before_resample=spacing,
                             shape_after_crop=tuple(cropped.shape[1:]), spacing=target, locations=locations)
+
+
+def check_finite(images: np.ndarray, channel_names: tuple[str, ...] = ()) -> None:
+    """ImageReadError when a channel (c, z, y, x) holds NaN or infinite voxels: normalisation would spread
+    them over the whole volume and the prediction would be all background without a word."""
+    for channel, image in enumerate(images):
+        bad = image.size - int(np.count_nonzero(np.isfinite(image)))
+        if bad:
+            name = channel_names[channel] if channel < len(channel_names) else str(channel)
+            raise ImageReadError(
+                f"{bad} voxel(s) ({100 * bad / image.size:.2g} %) of channel {channel} ({name}) are NaN or infinite",
+                hint="replace them in the image (e.g. with the background value) or re-export the scan; "
+                     "`autoseg check` lists such files in a dataset")
 
 
 def case_properties(case_id: str, images_shape: tuple[int, ...], geometry: Geometry, prepared: PreprocessedCase,
