@@ -217,3 +217,27 @@ def test_resumed_settings_are_the_folds_own_and_resize_the_worker_pool(tmp_path:
     assert resolve_settings(folder, {"workers": 2}, resume=True, fold=0).workers == 2
     assert resolve_settings(folder, {}, resume=True, fold=2).epochs == 7  # no own file: the folder's (older runs)
     assert resolve_settings(folder, {}, resume=False, fold=0) == TrainingSettings()
+
+
+def test_a_fresh_start_moves_the_previous_run_aside(prepared, tmp_path: Path, monkeypatch) -> None:
+    """Issue 19 D3: training a trained fold again from scratch, then interrupting it, must not let --continue
+    resume the old run, nor mix the two runs' records."""
+    context = RuntimeContext(device=torch.device("cpu"))
+    run = _run(prepared, tmp_path)
+    train_fold(run, dataclasses.replace(SMALL, epochs=2), context)
+    real_save = loop_module._record_and_save
+
+    def crash_after_first_epoch(run, settings, objects, state, record):
+        real_save(run, settings, objects, state, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "_record_and_save", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(run, dataclasses.replace(SMALL, epochs=2, checkpoint_every=1), context)
+    fold_dir = run.folder.fold_dir(0)
+    kept, = fold_dir.glob("previous_run_*")
+    assert load_checkpoint(kept / "checkpoint_final.pt")["epoch"] == 2
+    assert [r["epoch"] for r in read_metrics(kept / "metrics.jsonl")] == [0, 1]
+    assert not run.folder.checkpoint(0, "final").exists()  # only the new run's epoch-1 checkpoints are here
+    assert load_checkpoint(run.folder.checkpoint(0, "latest"))["epoch"] == 1
+    assert [r["epoch"] for r in read_metrics(fold_dir / "metrics.jsonl")] == [0]

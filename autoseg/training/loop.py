@@ -8,6 +8,7 @@ the same weights as an uninterrupted one (bit for bit on CPU).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +85,9 @@ def train_fold(run: FoldRun, settings: TrainingSettings, context: RuntimeContext
     if resume:
         state = _restore(run, objects, settings, checkpoints)
     elif context.is_main and checkpoints:
-        log.warning("fold %s already has checkpoints in %s: training it again from scratch (pass --continue to "
-                    "resume instead)", run.fold, fold_dir)
+        kept = _move_previous_run(fold_dir)
+        log.warning("fold %s already had checkpoints: training it again from scratch; the previous run's "
+                    "checkpoints and records are kept in %s (pass --continue to resume instead)", run.fold, kept)
     if state.epoch >= settings.epochs:
         log.info("fold %s is already trained for %d epochs; pass a larger --epochs to extend it",
                  run.fold, state.epoch)
@@ -109,6 +111,18 @@ def train_fold(run: FoldRun, settings: TrainingSettings, context: RuntimeContext
         _save_and_stop(run, settings, context, objects, state, stop.requested or "a stop signal")
     barrier(context)
     return state
+
+
+def _move_previous_run(fold_dir: Path) -> Path:
+    """Move an earlier run's checkpoints, records and validation into fold_dir/previous_run_<UTC time>, so a
+    fresh start never leaves a checkpoint a later --continue would resume, nor records of two runs mixed."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = fold_dir / f"previous_run_{stamp}"
+    target.mkdir(exist_ok=True)
+    for path in fold_dir.iterdir():
+        if path.name.startswith("checkpoint_") or path.name in ("metrics.jsonl", "progress.png", "validation"):
+            os.replace(path, target / path.name)
+    return target
 
 
 class TrainingStopped(AutosegError):
