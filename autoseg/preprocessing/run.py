@@ -15,6 +15,7 @@ from autoseg.log import get_logger, progress
 from autoseg.planning.contract import Configuration, Plans
 from autoseg.preprocessing.cache import is_done, write_case
 from autoseg.preprocessing.case import case_properties, preprocess_arrays
+from autoseg.runtime.lock import folder_lock
 from autoseg.runtime.processes import process_pool
 from autoseg.serialization import to_jsonable
 
@@ -90,12 +91,12 @@ def preprocess_dataset(
         if config.data_id in prepared:
             continue
         prepared.add(config.data_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(folder)
-        jobs = _pending_jobs(dataset, plans, config, folder, overwrite=overwrite)
-        log.info("%s: %d of %d cases to preprocess into %s", name, len(jobs), len(dataset.cases), folder)
-        for _ in progress(_run(jobs, workers), total=len(jobs), description=f"preprocess {name}"):
-            pass
+        with folder_lock(folder, f"preprocessing into {folder.name}"):  # the leftover-cleaner must not race
+            _remove_leftovers(folder)
+            jobs = _pending_jobs(dataset, plans, config, folder, overwrite=overwrite)
+            log.info("%s: %d of %d cases to preprocess into %s", name, len(jobs), len(dataset.cases), folder)
+            for _ in progress(_run(jobs, workers), total=len(jobs), description=f"preprocess {name}"):
+                pass
     return folders
 
 

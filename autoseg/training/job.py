@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from autoseg.paths import DatasetLocation
 from autoseg.planning.contract import Configuration, Plans
 from autoseg.runtime.device import configure_threads, keep_freed_memory, seed_all
 from autoseg.runtime.distributed import RuntimeContext, barrier, shutdown
+from autoseg.runtime.lock import folder_lock
 from autoseg.serialization import atomic_write, load_contract, read_json, save_contract
 from autoseg.training.cascade import previous_sources, store_previous
 from autoseg.training.loop import FoldRun, train_fold
@@ -92,6 +95,16 @@ def train_one_fold(location: DatasetLocation, dataset: Dataset, plans: Plans, co
                    fold: int | str, *, overrides: dict[str, Any], device: str, resume: bool) -> Path:
     run = fold_run(location, dataset, plans, configuration, fold)
     require_cache(run)
+    # one run per fold: under torchrun, rank 0 holds the lock for all ranks
+    lock = folder_lock(run.folder.fold_dir(fold), f"training of {run.folder.root.name} fold {fold}") \
+        if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    with lock:
+        return _train_locked(run, location, dataset, plans, configuration, fold, overrides=overrides,
+                             device=device, resume=resume)
+
+
+def _train_locked(run: FoldRun, location: DatasetLocation, dataset: Dataset, plans: Plans, configuration: str,
+                  fold: int | str, *, overrides: dict[str, Any], device: str, resume: bool) -> Path:
     sources = previous_sources(location, dataset, plans, run.previous.configuration) if run.previous else None
     settings = for_network(resolve_settings(run.folder, overrides, resume=resume, fold=fold), run.config)
     context = RuntimeContext.from_env(device, amp=settings.amp)
