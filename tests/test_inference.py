@@ -12,6 +12,7 @@ import pytest
 import torch
 from model_builders import make_model_folder
 
+from autoseg.errors import SettingsError
 from autoseg.inference import PredictOptions, Predictor, find_input_cases, predict_folder, read_prediction_info
 from autoseg.inference.export import LabelSemantics, probabilities_to_labels, restore_prediction
 from autoseg.io.geometry import Geometry
@@ -60,6 +61,12 @@ def test_existing_outputs_are_skipped_unless_overwrite(model: ModelFolder, examp
     assert (tmp_path / "test_000.nii.gz").stat().st_mtime_ns == before
     redone = predict_folder(predictor, example_dataset / "imagesTs", tmp_path, overwrite=True)
     assert redone.written == ["test_000", "test_001"]
+    both = Predictor.from_folder(model.root, PredictOptions(folds=("0", "1"), tta=False))
+    with pytest.raises(SettingsError, match=r"already holds predictions of .*folds 0\), not of this model"):
+        predict_folder(both, example_dataset / "imagesTs", tmp_path)  # issue 19 D5: no silent mix of models
+    assert read_prediction_info(tmp_path).folds == ("0",)
+    assert predict_folder(both, example_dataset / "imagesTs", tmp_path, overwrite=True).written
+    assert read_prediction_info(tmp_path).folds == ("0", "1")
 
 
 OBLIQUE = (0.0, -1.0, 0.0, 0.8, 0.0, -0.6, 0.6, 0.0, 0.8)  # rotated and with a flipped axis (not RAS)

@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import AutosegError, ImageReadError, SettingsError
-from autoseg.inference.info import PredictionInfo, probabilities_file, write_prediction_info
+from autoseg.inference.info import (
+    INFO_FILE,
+    PredictionInfo,
+    probabilities_file,
+    read_prediction_info,
+    write_prediction_info,
+)
 from autoseg.inference.predictor import Prediction, Predictor
 from autoseg.io.geometry import Geometry
 from autoseg.io.readers import SUPPORTED_ENDINGS, file_ending, read_images, read_label, write_label
@@ -99,7 +105,10 @@ def predict_folder(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     cases = find_input_cases(Path(source), predictor.num_channels)
-    write_prediction_info(output, PredictionInfo.from_predictor(predictor, probabilities=save_probabilities))
+    info = PredictionInfo.from_predictor(predictor, probabilities=save_probabilities)
+    if not overwrite:
+        _check_same_model(output, info)
+    write_prediction_info(output, info)
     report = PredictReport()
     todo = []
     for case in cases:
@@ -126,6 +135,31 @@ def predict_folder(
             pending = _drain(pending, report, keep=MAX_PENDING_WRITES)
         _drain(pending, report, keep=0)
     return report
+
+
+def _check_same_model(output: Path, info: PredictionInfo) -> None:
+    """SettingsError when `output` holds predictions of another model (other folders, folds or labels):
+    skipping its existing files would mix two models' outputs under one prediction.json."""
+    if not (output / INFO_FILE).is_file():
+        return
+    try:
+        existing = read_prediction_info(output)
+    except AutosegError:
+        existing = None
+    same = existing is not None and _identity(existing) == _identity(info)
+    if not same:
+        what = "another model's" if existing is None else \
+            f"predictions of {', '.join(existing.sources)} (folds {', '.join(existing.folds)})"
+        raise SettingsError(f"the output folder already holds {what}, not of this model "
+                            f"({', '.join(info.sources)}, folds {', '.join(info.folds)})", path=output,
+                            hint="choose another output folder, or pass --overwrite to predict every case again")
+
+
+def _identity(info: PredictionInfo) -> tuple[object, ...]:
+    """What makes two prediction runs the same model: DATASET/CONFIG__PLANS of each source (not the full path:
+    a model archive is unpacked into a new temporary folder each time), folds, labels."""
+    names = tuple(f"{Path(source).parent.name}/{Path(source).name}" for source in info.sources)
+    return names, info.folds, info.labels, info.region_values
 
 
 def _prefetch(reader: ThreadPoolExecutor, todo: list[tuple[InputCase, Path]], predictor: Predictor,
