@@ -7,6 +7,7 @@ and shows the traceback only with --debug.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -61,7 +62,10 @@ def guarded(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except OSError as err:  # disk full, read-only, permissions: a sentence and a fix, not a traceback
+                raise os_error(err) from err
         except AutosegError as err:
             context = kwargs.get("ctx")
             if isinstance(context, typer.Context) and (context.find_root().obj or {}).get("debug"):
@@ -74,6 +78,25 @@ def guarded(func: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+#: errno -> what to do about it (the message itself is the system's).
+_OS_HINTS = {
+    errno.ENOSPC: "free disk space, or point AUTOSEG_RESULTS / AUTOSEG_PREPROCESSED / -o at a disk with room",
+    errno.EROFS: "the file system is read-only: write to another folder",
+    errno.EACCES: "you may not write or read there: check the folder's permissions, or use another folder",
+    errno.EPERM: "the operation is not permitted there: check the folder's permissions, or use another folder",
+    errno.ENOTDIR: "a path expected to be a folder is a file: check the paths and AUTOSEG_* variables "
+                   "(`autoseg env` shows them)",
+    errno.EISDIR: "a path expected to be a file is a folder: check the file names you passed",
+}
+
+
+def os_error(err: OSError) -> AutosegError:
+    """An OSError as autoseg's two-line error: the system's reason, the file, and what to do."""
+    path = err.filename if isinstance(err.filename, str) else None
+    return AutosegError(err.strerror or str(err), path=path,
+                        hint=_OS_HINTS.get(err.errno or 0, "check the path, the disk and the permissions"))
 
 
 def _version(value: bool) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from autoseg.cli import app
@@ -77,3 +78,26 @@ def test_fingerprint_is_cached_and_refreshed_when_files_change(roots: Path) -> N
     os.utime(label, ns=(stamp + 10**9, stamp + 10**9))
     refreshed = api.fingerprint("901")
     assert refreshed.source_hash != first.source_hash
+
+
+def test_system_errors_are_two_lines_with_a_fix_not_a_traceback(roots: Path, monkeypatch) -> None:
+    """Issue 19 C1: disk full, read-only or a path variable pointing at a file read as autoseg's errors."""
+    import errno
+
+    import typer
+
+    from autoseg.cli import guarded
+
+    @guarded
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/case.nii.gz")
+
+    with pytest.raises(typer.Exit) as exit_info:
+        full_disk()
+    assert exit_info.value.exit_code == 2
+    (roots / "afile").write_text("not a folder")
+    monkeypatch.setenv("AUTOSEG_RESULTS", str(roots / "afile"))
+    (roots / "raw" / "Dataset004_Hippocampus").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["compare", "Dataset004_Hippocampus"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "Not a directory" in result.output and "AUTOSEG_" in result.output
