@@ -333,7 +333,8 @@ def test_hostile_dataset_json_gives_problems_quickly(tmp_path: Path) -> None:
     path.write_text(f'{{"labels": {{{keys}}}}}')
     started = time.perf_counter()
     _, problems = _read_json(path)
-    assert time.perf_counter() - started < 5 and len(problems) == 50000  # O(n^2) took minutes
+    assert time.perf_counter() - started < 5  # the quadratic check took minutes
+    assert len(problems) == 21 and problems[-1].fault == "49980 more keys appear more than once"
     path.write_text("[" * 100000 + "]" * 100000)
     data, problems = _read_json(path)
     assert data is None and [p.fault for p in problems] == ["nested too deeply to be a dataset.json"]

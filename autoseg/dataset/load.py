@@ -86,6 +86,10 @@ def scan_dataset(root: str | Path) -> tuple[Dataset | None, list[Problem]]:
     return dataset, problems
 
 
+#: Duplicated keys named one by one; the rest are counted in one problem.
+MAX_LISTED_DUPLICATES = 20
+
+
 def _read_json(path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
     duplicates: list[str] = []
 
@@ -105,7 +109,10 @@ def _read_json(path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
     if not isinstance(data, dict):
         return None, [Problem(str(path), "top level is not a JSON object", "see docs/dataset-format.md")]
     problems = [Problem(str(path), f"key {k!r} appears more than once (only the last counts)",
-                        "remove the duplicate entry") for k in duplicates]
+                        "remove the duplicate entry") for k in duplicates[:MAX_LISTED_DUPLICATES]]
+    if len(duplicates) > MAX_LISTED_DUPLICATES:
+        problems.append(Problem(str(path), f"{len(duplicates) - MAX_LISTED_DUPLICATES} more keys appear more "
+                                           "than once", "remove the duplicate entries"))
     return data, problems
 
 
