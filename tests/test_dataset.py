@@ -338,3 +338,17 @@ def test_hostile_dataset_json_gives_problems_quickly(tmp_path: Path) -> None:
     path.write_text("[" * 100000 + "]" * 100000)
     data, problems = _read_json(path)
     assert data is None and [p.fault for p in problems] == ["nested too deeply to be a dataset.json"]
+
+
+@pytest.mark.parametrize("change, fault", [
+    (lambda d: d.update(channel_names={"\u00b2": "CT"}), "are not 0, 1, 2"),  # '²'.isdigit() but int() fails
+    (lambda d: d.update(channel_names={"\u0660": "CT"}), "are not 0, 1, 2"),  # Arabic-Indic zero
+    (lambda d: d.update(dataset=["imagesTr/case_000_0000.nii.gz"]), "'dataset' is a list"),
+    (lambda d: d.update(dataset={"case_000": "imagesTr/case_000_0000.nii.gz"}), "'dataset' entry 'case_000'"),
+    (lambda d: d.update(dataset={"case_000": {"images": "imagesTr/x.nii.gz", "label": None}}), "entry 'case_000'"),
+])
+def test_odd_dataset_json_values_are_problems_not_tracebacks(tiny: Path, change, fault: str) -> None:
+    """Issue 19 C4: non-ASCII digits as channel keys and a `dataset` entry of the wrong type."""
+    _edit_json(tiny, change)
+    problems = check_dataset(tiny)
+    assert any(fault in p.fault for p in problems), [str(p) for p in problems]

@@ -136,7 +136,7 @@ def _check_keys(raw: dict[str, Any], path: Path) -> list[Problem]:
 
 def _parse_channels(raw: dict[str, Any], path: Path, problems: list[Problem]) -> tuple[str, ...]:
     entries = raw["channel_names"]
-    indices = sorted(entries, key=lambda k: int(k) if str(k).isdigit() else 10**6)
+    indices = sorted(entries, key=lambda k: int(k) if _is_number(str(k)) else 10**6)
     if [str(i) for i in range(len(indices))] != [str(k) for k in indices]:
         problems.append(Problem(str(path), f"channel_names keys {indices} are not 0, 1, 2, ...",
                                 "number the channels from \"0\" without gaps"))
@@ -145,7 +145,7 @@ def _parse_channels(raw: dict[str, Any], path: Path, problems: list[Problem]) ->
 
 def _parse_labels(entries: dict[str, Any], path: Path, problems: list[Problem]
                   ) -> tuple[tuple[LabelDef, ...], int | None]:
-    if entries and all(str(k).lstrip("-").isdigit() and isinstance(v, str) for k, v in entries.items()):
+    if entries and all(_is_number(str(k).lstrip("-")) and isinstance(v, str) for k, v in entries.items()):
         problems.append(Problem(str(path), "labels map values to names (nnU-Net v1 / MSD style)",
                                 "invert it to name -> value, e.g. {\"background\": 0, \"liver\": 1}; "
                                 "autoseg reads it inverted for now", "warning"))
@@ -257,11 +257,28 @@ def _report_orphan_labels(labels_dir: Path, case_ids: set[str], ending: str, pro
                                     f"add imagesTr/{case_id}_0000{ending}, or remove the label"))
 
 
+def _is_number(text: str) -> bool:
+    """ASCII decimal digits only: '²' and '٣' pass str.isdigit() but are no channel or label number."""
+    return text.isascii() and text.isdecimal()
+
+
 def _cases_from_mapping(mapping: Any, root: Path, problems: list[Problem]) -> list[Case]:
+    where = str(root / "dataset.json")
+    if not isinstance(mapping, dict):
+        problems.append(Problem(where, f"'dataset' is a {type(mapping).__name__}, not an object",
+                                'write it as {"CASE": {"images": ["imagesTr/CASE_0000.nii.gz"], "label": '
+                                '"labelsTr/CASE.nii.gz"}, ...}'))
+        return []
     cases = []
-    for case_id, entry in sorted(dict(mapping).items()):
-        images = tuple(str((root / p).resolve()) for p in entry.get("images", []))
-        label = entry.get("label")
+    for case_id, entry in sorted(mapping.items()):
+        images, label = (entry.get("images"), entry.get("label")) if isinstance(entry, dict) else (None, None)
+        if not (isinstance(images, list) and all(isinstance(i, str) for i in images)) or \
+                not (label is None or isinstance(label, str)):
+            problems.append(Problem(where, f"'dataset' entry {case_id!r} is not "
+                                           '{"images": [file, ...], "label": file}',
+                                    "fix the entry (paths relative to the dataset folder)"))
+            continue
+        images = tuple(str((root / p).resolve()) for p in images)
         label_path = str((root / label).resolve()) if label else None
         for file in (*images, *(label_path and [label_path] or [])):
             if not Path(file).is_file():
