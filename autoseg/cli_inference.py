@@ -40,6 +40,10 @@ def predict_command(
     cpu_bf16: Annotated[bool, typer.Option("--cpu-bf16", help=(
         "bf16 on CPU: ~2-3x faster on CPUs with native bf16 (AVX512-BF16/AMX), output changes slightly."))
                         ] = False,
+    engine: Annotated[str, typer.Option("--engine", help=(
+        "torch, openvino, onnxruntime (CPU engines: pip install \"autoseg[openvino]\" / \"autoseg[onnx]\"), or "
+        "auto: the fastest installed engine that reproduces torch's output on this model, else torch. "
+        "See docs/inference.md."))] = "torch",
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help=(
         "Also write CASE.npz with class probabilities (for `autoseg ensemble`)."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict cases whose output exists too.")] = False,
@@ -58,7 +62,8 @@ def predict_command(
 
     fold_list = _folds(list(folds or []) + list(ctx.args))
     options = PredictOptions(folds=fold_list, checkpoint=checkpoint, device=device, tta=tta, step_size=step_size,
-                             tiles_per_batch=tiles_per_batch, amp=amp, cpu_bf16=cpu_bf16)
+                             tiles_per_batch=tiles_per_batch, amp=amp, cpu_bf16=cpu_bf16,
+                             engine=engine)
     report = api.predict(source, output, dataset=dataset, configuration=configuration, plans_name=plans_name,
                          model=model, options=options, overwrite=overwrite, save_probabilities=save_probabilities,
                          prev_stage=prev_stage)

@@ -88,6 +88,11 @@ def environment_table(report: EnvironmentReport) -> Table:
     if not report.gpus:
         table.add_row("GPU", "none visible" + (" (Apple MPS available)" if report.mps else ""))
     table.add_row("CPUs", f"{report.cpus_allotted} allotted to this job (host has {report.cpus_host})")
+    cpu = report.cpu
+    bf16 = [flag for flag, present in (("AVX512-BF16", cpu.avx512_bf16), ("AMX-BF16", cpu.amx_bf16)) if present]
+    table.add_row("CPU", f"{cpu.name}; native bf16: {', '.join(bf16) if bf16 else 'no'}")
+    table.add_row("inference engines", ", ".join(f"{name} {version}" if version else f"{name} [dim](not installed)[/]"
+                                                 for name, version in report.engines.items()))
     for setting in report.paths:
         source = f"from {setting.variable}" if setting.variable else "default: variable not set"
         missing = "" if setting.exists else ", [yellow]missing[/]"

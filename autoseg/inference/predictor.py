@@ -4,6 +4,8 @@
 weights (weights_only); `predict(images, geometry=...)` preprocesses exactly as in training, slides
 the window, averages the folds and returns the label map on the input's own grid. A cascade stage
 (3d_cascade_fullres) also needs `previous=`: the previous stage's label map of the same scan.
+`PredictOptions.engine` runs each fold's network with another CPU engine (OpenVINO, ONNX Runtime; see
+autoseg.inference.engines).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from autoseg.dataset.contract import Dataset
 from autoseg.dataset.load import read_dataset_json
 from autoseg.errors import SettingsError
+from autoseg.inference.engines import CompileSpec, prepare_network
 from autoseg.inference.export import LabelSemantics, restore_prediction
 from autoseg.inference.sliding import WindowSettings, sliding_window_logits
 from autoseg.io.geometry import DUMMY_2D_SPACING, Geometry
@@ -62,6 +65,7 @@ class PredictOptions:
     tiles_per_batch: int | None = None  # None: 1 on CPU, the plan's batch size on a GPU
     amp: bool = True
     cpu_bf16: bool = False  # bf16 autocast on CPU: faster on CPUs with native bf16, output changes slightly
+    engine: str = "torch"  # auto, torch, openvino or onnxruntime (autoseg.inference.engines; CPU engines)
 
 
 class Predictor:
@@ -90,16 +94,21 @@ class Predictor:
         device = pick_device(options.device)
         if device.type == "cpu":  # every tile frees and reallocates large activations: 2.2x faster (benchmarks.md)
             keep_freed_memory()
+        tiles = options.tiles_per_batch or (1 if device.type == "cpu" else config.batch_size)
+        spec = CompileSpec(patch=tuple(config.patch_size), in_channels=network_in_channels(plans, config, dataset),
+                           tiles=tiles, precision="bf16" if options.cpu_bf16 and device.type == "cpu" else "fp32",
+                           threads=torch.get_num_threads())
         networks, mirror_axes = [], None
         for fold in folds:
             network, axes = load_fold_network(model, fold, checkpoint, plans, config, dataset)
-            networks.append(network.to(device))
+            networks.append(prepare_network(network.to(device), engine=options.engine, spec=spec, device=device,
+                                            checkpoint=model.checkpoint(fold, checkpoint)))
             mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in axes)
-        tiles = options.tiles_per_batch or (1 if device.type == "cpu" else config.batch_size)
         window = WindowSettings(patch=tuple(config.patch_size), step=options.step_size,
                                 mirror_axes=tuple(mirror_axes or ()) if options.tta else (), tiles_per_batch=tiles)
-        log.info("loaded %s (folds %s) on %s; test-time mirroring over axes %s", model.root.name,
-                 ", ".join(folds), device, window.mirror_axes or "none")
+        engines = sorted({getattr(network, "engine", "torch") for network in networks})
+        log.info("loaded %s (folds %s) on %s with the %s engine; test-time mirroring over axes %s",
+                 model.root.name, ", ".join(folds), device, "/".join(engines), window.mirror_axes or "none")
         return cls(networks, plans=plans, config=config, dataset=dataset, window=window, device=device,
                    amp=amp_dtype(device, enabled=options.amp, cpu_bf16=options.cpu_bf16),
                    source=model.root.resolve(), folds=tuple(folds))

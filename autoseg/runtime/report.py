@@ -7,13 +7,14 @@ import platform
 import sys
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 from autoseg.paths import data_root, root_variable
 from autoseg.runtime.cpus import allotted_cpus
 
 #: Distributions whose versions matter for reproducing a problem (import names differ for some).
 PACKAGES = ("torch", "numpy", "scipy", "SimpleITK", "nibabel", "batchgenerators", "typer", "rich", "matplotlib",
-            "onnx", "onnxruntime")
+            "onnx", "onnxruntime", "openvino")
 _DISTRIBUTED_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID",
                           "SLURM_ARRAY_TASK_ID", "SLURM_CPUS_PER_TASK", "CUDA_VISIBLE_DEVICES")
 
@@ -25,6 +26,19 @@ class GpuInfo:
     memory_gib: float
     capability: str  # e.g. "8.0"
     bf16: bool
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU's name and its native bf16 support (Linux /proc/cpuinfo flags; False where unknown)."""
+
+    name: str
+    avx512_bf16: bool  # AVX512-BF16: bf16 dot products (Intel Cooper Lake+, AMD Zen 4+)
+    amx_bf16: bool  # AMX tiles with bf16 (Intel Sapphire Rapids+)
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.avx512_bf16 or self.amx_bf16
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,8 @@ class EnvironmentReport:
     mps: bool
     cpus_host: int
     cpus_allotted: int  # what autoseg sizes its worker pools from
+    cpu: CpuFeatures
+    engines: dict[str, str | None]  # inference engines (autoseg predict --engine): version, None if not installed
     paths: tuple[PathSetting, ...]
     job: dict[str, str]  # torchrun / SLURM / CUDA_VISIBLE_DEVICES variables that are set
 
@@ -59,8 +75,33 @@ def environment_report() -> EnvironmentReport:
     return EnvironmentReport(
         autoseg=autoseg.__version__, python=sys.version.split()[0], platform=platform.platform(),
         packages={name: _version(name) for name in PACKAGES}, torch_cuda=torch_cuda, cudnn=cudnn, gpus=gpus,
-        mps=mps, cpus_host=os.cpu_count() or 1, cpus_allotted=allotted_cpus(), paths=_paths(),
+        mps=mps, cpus_host=os.cpu_count() or 1, cpus_allotted=allotted_cpus(), cpu=cpu_features(),
+        engines=_engines(), paths=_paths(),
         job={name: os.environ[name] for name in _DISTRIBUTED_VARIABLES if name in os.environ})
+
+
+def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> CpuFeatures:
+    """Read the first processor's model name and flags; an unreadable file gives the platform's name only."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return CpuFeatures(name=name, avx512_bf16=False, amx_bf16=False)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            name = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    return CpuFeatures(name=name, avx512_bf16="avx512_bf16" in flags, amx_bf16="amx_bf16" in flags)
+
+
+def _engines() -> dict[str, str | None]:
+    try:
+        from autoseg.inference.engines import installed_engines
+    except ImportError:  # torch itself is missing
+        return {}
+    return installed_engines()
 
 
 def _version(distribution: str) -> str | None:

@@ -223,6 +223,29 @@ def export_onnx(model_folder: Path, output: Path, *, fold: str = "0", checkpoint
                       opset=written, exporter=exporter, max_abs_diff=max_abs_diff)
 
 
+def export_network(network: nn.Module, example: torch.Tensor, output: Path, *, opset: int | None = None) -> str:
+    """Export an in-memory network (eval mode, deep supervision off, float32 on the CPU) to `output`.
+
+    example: an input (batch >= 2, channels, *patch_size); the batch axis is exported dynamic. The file is
+    checked with onnx's checker and written atomically; returns the exporter's name. Used by the inference
+    engines (autoseg.inference.engines), which verify the result against PyTorch themselves.
+    """
+    output = Path(output)
+    _check_output(output)
+    onnx = _require("onnx", "to write ONNX models")
+    if _has_dynamo_exporter():
+        _require("onnxscript", "by torch's ONNX exporter")
+    model, exporter = _export(network, example, opset=opset, output=output)
+    data = model.SerializeToString()
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+        _validate(onnx, tmp, output=output)
+
+    atomic_write(output, write)
+    return exporter
+
+
 def _check_output(output: Path) -> None:
     """Fail before the slow work for an output that cannot be a file."""
     if output.is_dir():
