@@ -287,6 +287,9 @@ def train_command(
         "Pool the Dice over the batch or per sample (default: the plan's batch_dice)."))] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default on).")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help=(
+        "auto (mixed precision on CUDA, fp32 on CPU), fp32, or bf16 (autocast; on CPU fast only with native "
+        "bf16: AVX512-BF16 / AMX, see `autoseg env`)."))] = None,
     compile_network: Annotated[bool | None, typer.Option("--compile/--no-compile",
                                                          help="torch.compile on CUDA (default off).")] = None,
     resume: Annotated[bool, typer.Option("--continue", help=(
@@ -304,7 +307,7 @@ def train_command(
     given = {"epochs": epochs, "iterations_per_epoch": iterations, "val_iterations": val_iterations,
              "initial_lr": lr, "batch_size": batch_size, "augmentation": augmentation, "workers": workers,
              "checkpoint_every": checkpoint_every, "seed": seed, "amp": amp, "compile": compile_network,
-             "init": init, "warmup_iterations": warmup, "batch_dice": batch_dice}
+             "init": init, "warmup_iterations": warmup, "batch_dice": batch_dice, "precision": precision}
     overrides = {key: value for key, value in given.items() if value is not None}
     fold_value: int | str = int(fold) if fold.isdigit() else fold
     folder = api.train(dataset, configuration, fold_value, overrides=overrides, device=device, resume=resume,

@@ -37,9 +37,10 @@ def predict_command(
     tiles_per_batch: Annotated[int | None, typer.Option("--tiles-per-batch", min=1, help=(
         "Tiles per forward pass (default: 1 on CPU, the plan's batch size on GPU)."))] = None,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
-    cpu_bf16: Annotated[bool, typer.Option("--cpu-bf16", help=(
-        "bf16 on CPU: ~2-3x faster on CPUs with native bf16 (AVX512-BF16/AMX), output changes slightly."))
-                        ] = False,
+    precision: Annotated[str, typer.Option("--precision", help=(
+        "auto (mixed precision on CUDA, fp32 on CPU), fp32, or bf16: ~2-3x faster on CPUs with native bf16 "
+        "(AVX512-BF16/AMX, see `autoseg env`), output changes slightly."))] = "auto",
+    cpu_bf16: Annotated[bool, typer.Option("--cpu-bf16", help="Same as --precision bf16 on CPU.")] = False,
     engine: Annotated[str, typer.Option("--engine", help=(
         "torch, openvino, onnxruntime (CPU engines: pip install \"autoseg[openvino]\" / \"autoseg[onnx]\"), or "
         "auto: the fastest installed engine that reproduces torch's output on this model, else torch. "
@@ -63,7 +64,7 @@ def predict_command(
     fold_list = _folds(list(folds or []) + list(ctx.args))
     options = PredictOptions(folds=fold_list, checkpoint=checkpoint, device=device, tta=tta, step_size=step_size,
                              tiles_per_batch=tiles_per_batch, amp=amp, cpu_bf16=cpu_bf16,
-                             engine=engine)
+                             precision=precision, engine=engine)
     report = api.predict(source, output, dataset=dataset, configuration=configuration, plans_name=plans_name,
                          model=model, options=options, overwrite=overwrite, save_probabilities=save_probabilities,
                          prev_stage=prev_stage)

@@ -170,6 +170,14 @@ def test_missing_checkpoints_and_folders_are_clear_errors(model: ModelFolder, tm
         Predictor.from_folder(model.root, PredictOptions(checkpoint="best"))
 
 
+def test_precision_flag_chooses_the_autocast_dtype(model: ModelFolder) -> None:
+    """--precision bf16 is the newer spelling of --cpu-bf16; auto is fp32 on CPU (issue 16)."""
+    assert Predictor.from_folder(model.root, PredictOptions(folds=("0",))).amp is None
+    assert Predictor.from_folder(model.root, PredictOptions(folds=("0",), precision="bf16")).amp is torch.bfloat16
+    assert Predictor.from_folder(model.root, PredictOptions(folds=("0",), cpu_bf16=True)).amp is torch.bfloat16
+    assert Predictor.from_folder(model.root, PredictOptions(folds=("0",), precision="bf16", amp=False)).amp is None
+
+
 def test_input_cases_are_grouped_by_channel(tmp_path: Path) -> None:
     for name in ("a_0000.nii.gz", "a_0001.nii.gz", "b_0000.mha", "notes.txt"):
         (tmp_path / name).write_bytes(b"")

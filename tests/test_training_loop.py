@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from autoseg.dataset.load import load_dataset
+from autoseg.errors import SettingsError
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.model_folder import CheckpointError, ModelFolder, load_checkpoint
 from autoseg.paths import DatasetLocation
@@ -241,3 +242,20 @@ def test_a_fresh_start_moves_the_previous_run_aside(prepared, tmp_path: Path, mo
     assert not run.folder.checkpoint(0, "final").exists()  # only the new run's epoch-1 checkpoints are here
     assert load_checkpoint(run.folder.checkpoint(0, "latest"))["epoch"] == 1
     assert [r["epoch"] for r in read_metrics(fold_dir / "metrics.jsonl")] == [0]
+
+
+def test_bf16_training_on_cpu_runs_and_is_recorded(prepared, tmp_path: Path) -> None:
+    """--precision bf16: autocast in every step on CPU (issue 16); the setting round-trips through training.json."""
+    from autoseg.runtime.device import precision_dtype
+    from autoseg.serialization import load_contract
+
+    run = _run(prepared, tmp_path)
+    settings = dataclasses.replace(SMALL, epochs=1, precision="bf16")
+    context = RuntimeContext(device=torch.device("cpu"), amp_dtype=precision_dtype(torch.device("cpu"), "bf16"))
+    train_fold(run, settings, context)
+    record, = read_metrics(run.folder.fold_dir(0) / "metrics.jsonl")
+    assert record["train_loss"] == record["train_loss"] and record["train_loss"] < 10  # finite
+    save_contract(tmp_path / "training.json", settings)
+    assert load_contract(tmp_path / "training.json", TrainingSettings, rerun="-").precision == "bf16"
+    with pytest.raises(SettingsError, match="--precision"):
+        dataclasses.replace(SMALL, precision="fp16").validated()

@@ -39,7 +39,7 @@ from autoseg.planning.contract import Configuration, Plans
 from autoseg.preprocessing.case import case_properties, preprocess_arrays
 from autoseg.preprocessing.contract import CaseProperties
 from autoseg.preprocessing.previous import one_hot, to_preprocessed_grid
-from autoseg.runtime.device import amp_dtype, keep_freed_memory, pick_device
+from autoseg.runtime.device import keep_freed_memory, pick_device, precision_dtype
 
 log = get_logger("inference")
 
@@ -64,7 +64,10 @@ class PredictOptions:
     step_size: float = 0.5
     tiles_per_batch: int | None = None  # None: 1 on CPU, the plan's batch size on a GPU
     amp: bool = True
-    cpu_bf16: bool = False  # bf16 autocast on CPU: faster on CPUs with native bf16, output changes slightly
+    cpu_bf16: bool = False  # the older spelling of precision="bf16" on CPU
+    #: auto (mixed precision on CUDA, fp32 on CPU), fp32 or bf16 (faster on CPUs with native bf16; the
+    #: output changes slightly: docs/inference.md)
+    precision: str = "auto"
     engine: str = "torch"  # auto, torch, openvino or onnxruntime (autoseg.inference.engines; CPU engines)
 
 
@@ -95,8 +98,10 @@ class Predictor:
         if device.type == "cpu":  # every tile frees and reallocates large activations: 2.2x faster (benchmarks.md)
             keep_freed_memory()
         tiles = options.tiles_per_batch or (1 if device.type == "cpu" else config.batch_size)
+        precision = "bf16" if options.cpu_bf16 and device.type == "cpu" else options.precision
+        amp = precision_dtype(device, precision if options.amp else "fp32")
         spec = CompileSpec(patch=tuple(config.patch_size), in_channels=network_in_channels(plans, config, dataset),
-                           tiles=tiles, precision="bf16" if options.cpu_bf16 and device.type == "cpu" else "fp32",
+                           tiles=tiles, precision="bf16" if amp == torch.bfloat16 and device.type == "cpu" else "fp32",
                            threads=torch.get_num_threads())
         networks, mirror_axes = [], None
         for fold in folds:
@@ -110,7 +115,7 @@ class Predictor:
         log.info("loaded %s (folds %s) on %s with the %s engine; test-time mirroring over axes %s",
                  model.root.name, ", ".join(folds), device, "/".join(engines), window.mirror_axes or "none")
         return cls(networks, plans=plans, config=config, dataset=dataset, window=window, device=device,
-                   amp=amp_dtype(device, enabled=options.amp, cpu_bf16=options.cpu_bf16),
+                   amp=amp,
                    source=model.root.resolve(), folds=tuple(folds))
 
     @property

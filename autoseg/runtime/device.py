@@ -46,21 +46,47 @@ def pick_device(spec: str = "auto", *, local_rank: int = 0) -> Any:
     return device
 
 
-def amp_dtype(device: Any, *, enabled: bool = True, cpu_bf16: bool = False) -> Any:
-    """bf16 on GPUs that support it, else fp16 on CUDA; None (fp32) elsewhere or when disabled.
+#: `--precision` values. auto: mixed precision on CUDA (bf16 where supported, else fp16), fp32 elsewhere.
+PRECISIONS = ("auto", "fp32", "bf16")
+#: bf16 becomes `auto`'s choice on CPUs with native bf16 only once measured equivalent on the real data
+#: (issue 16: fold-validation Dice within 0.005 per class, argmax agreement >= 99.5 %); not yet recorded.
+CPU_BF16_BY_DEFAULT = False
 
-    `cpu_bf16` opts into bf16 autocast on CPU: 1.7-2.9x faster prediction on CPUs with native bf16
-    (AVX512-BF16 / AMX), at a small change of the output (docs/benchmarks.md); slow on other CPUs.
-    """
+
+def amp_dtype(device: Any, *, enabled: bool = True, cpu_bf16: bool = False) -> Any:
+    """The autocast dtype of `precision_dtype(device, ...)` for the older flags: `enabled` False = fp32,
+    `cpu_bf16` = bf16 on CPU (1.7-2.9x faster prediction on CPUs with native bf16, docs/benchmarks.md)."""
+    return precision_dtype(device, "bf16" if cpu_bf16 and device.type == "cpu" else "auto" if enabled else "fp32")
+
+
+def precision_dtype(device: Any, precision: str = "auto") -> Any:
+    """The autocast dtype for `precision` on `device` (None = fp32); SettingsError for an unknown value or
+    bf16 on a GPU without it. Axis-free: it only decides the arithmetic."""
     import torch
 
-    if cpu_bf16 and device.type == "cpu":
-        return torch.bfloat16
-    if not enabled or device.type != "cuda":
-        if enabled and device.type != "cpu":
+    if precision not in PRECISIONS:
+        raise SettingsError(f"unknown precision {precision!r}", hint=f"use one of: {', '.join(PRECISIONS)}")
+    if precision == "fp32" or device.type not in ("cuda", "cpu"):
+        if precision != "fp32":
             log.info("mixed precision is off on %s", device.type)
         return None
+    if device.type == "cpu":
+        if precision == "bf16" or (precision == "auto" and CPU_BF16_BY_DEFAULT and cpu_has_native_bf16()):
+            if not cpu_has_native_bf16():
+                log.warning("bf16 on a CPU without native bf16 (AVX512-BF16 / AMX) is emulated and slow")
+            return torch.bfloat16
+        return None
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise SettingsError("this GPU has no bf16", hint="use --precision auto (fp16 with loss scaling) or fp32")
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU lists avx512_bf16 or amx_bf16 (Linux; False where it cannot tell)."""
+    from autoseg.runtime.report import cpu_features
+
+    features = cpu_features()
+    return features.avx512_bf16 or features.amx_bf16
 
 
 def autocast(device: Any, dtype: Any) -> AbstractContextManager[Any]:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from autoseg.runtime.device import amp_dtype, pick_device
+from autoseg.runtime.device import pick_device, precision_dtype
 
 PROCESS_GROUP_TIMEOUT_MIN = 60
 
@@ -31,7 +31,7 @@ class RuntimeContext:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, device: str = "auto", *, amp: bool = True) -> RuntimeContext:
+    def from_env(cls, device: str = "auto", *, amp: bool = True, precision: str = "auto") -> RuntimeContext:
         """Read RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun) and join the process group."""
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -40,7 +40,7 @@ class RuntimeContext:
         if world_size > 1:
             _init_process_group(chosen)
         return cls(device=chosen, rank=rank, local_rank=local_rank, world_size=world_size,
-                   amp_dtype=amp_dtype(chosen, enabled=amp))
+                   amp_dtype=precision_dtype(chosen, precision if amp else "fp32"))
 
 
 def _init_process_group(device: Any) -> None:

@@ -107,7 +107,7 @@ def _train_locked(run: FoldRun, location: DatasetLocation, dataset: Dataset, pla
                   fold: int | str, *, overrides: dict[str, Any], device: str, resume: bool) -> Path:
     sources = previous_sources(location, dataset, plans, run.previous.configuration) if run.previous else None
     settings = for_network(resolve_settings(run.folder, overrides, resume=resume, fold=fold), run.config)
-    context = RuntimeContext.from_env(device, amp=settings.amp)
+    context = RuntimeContext.from_env(device, amp=settings.amp, precision=settings.precision)
     configure_threads(context.device)
     if context.device.type == "cpu":
         keep_freed_memory()

@@ -39,6 +39,9 @@ class TrainingSettings:
     warmup_iterations: int = 0
     #: Pool Dice sums over the batch (True), per sample (False), or as the plan says (None).
     batch_dice: bool | None = None
+    #: Arithmetic of the steps: auto (mixed precision on CUDA, fp32 on CPU until bf16 is measured
+    #: equivalent there), fp32, or bf16 (autocast; on CPU fast only with native bf16). `amp=False` = fp32.
+    precision: str = "auto"
     format: int = SETTINGS_FORMAT
 
     def validated(self) -> TrainingSettings:
@@ -50,6 +53,7 @@ class TrainingSettings:
             "--batch-size": self.batch_size is None or self.batch_size >= 1,
             "--oversample": 0.0 <= self.foreground_oversample <= 1.0,
             "--warmup": self.warmup_iterations >= 0,
+            "--precision": self.precision in ("auto", "fp32", "bf16"),
         }
         for flag, ok in checks.items():
             if not ok:
