@@ -242,6 +242,12 @@ def test_a_fresh_start_moves_the_previous_run_aside(prepared, tmp_path: Path, mo
     assert not run.folder.checkpoint(0, "final").exists()  # only the new run's epoch-1 checkpoints are here
     assert load_checkpoint(run.folder.checkpoint(0, "latest"))["epoch"] == 1
     assert [r["epoch"] for r in read_metrics(fold_dir / "metrics.jsonl")] == [0]
+    monkeypatch.setattr(loop_module, "_record_and_save", real_save)
+    stale = fold_dir / ".checkpoint_latest.pt.x1y2.tmp"  # what kill -9 during a save leaves (issue 19 L2)
+    stale.write_bytes(b"half a checkpoint")
+    train_fold(run, dataclasses.replace(SMALL, epochs=2, checkpoint_every=1), context, resume=True)
+    assert not stale.exists() and load_checkpoint(run.folder.checkpoint(0, "final"))["epoch"] == 2
+    assert [r["epoch"] for r in read_metrics(fold_dir / "metrics.jsonl")] == [0, 1]  # the new run's only
 
 
 def test_bf16_training_on_cpu_runs_and_is_recorded(prepared, tmp_path: Path) -> None:

@@ -94,6 +94,8 @@ def train_fold(run: FoldRun, settings: TrainingSettings, context: RuntimeContext
         return state
     if context.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in fold_dir.glob(".*.tmp"):  # a killed run's half-written checkpoint (the fold is locked)
+            leftover.unlink(missing_ok=True)
         keep_metrics_until(fold_dir / "metrics.jsonl", state.epoch - 1)
     train_loader, val_loader = _loaders(run, settings, context, start_epoch=state.epoch)
     with StopSignals() as stop:
