@@ -123,13 +123,15 @@ def test_cascade_fold_trains_on_lowres_channels_and_validates(cascade, trained: 
     assert first_conv.shape[1] == 3
     for case in dataset.cases:
         assert previous_file(run.cache, "3d_lowres", case.case_id).is_file()
+    validation = trained.validation_dir(0)
+    assert all((validation / f"{case_id}.nii.gz").is_file() for case_id in run.val_ids)
+    assert (validation / "summary.json").is_file()
     stored = previous_file(run.cache, "3d_lowres", run.train_ids[0])
     written = stored.stat().st_mtime_ns
     api.train(Path(dataset.root), "3d_cascade_fullres", 0, overrides=QUICK, device="cpu", validate=False)
     assert stored.stat().st_mtime_ns == written  # up to date: not rewritten
-    validation = trained.validation_dir(0)
-    assert all((validation / f"{case_id}.nii.gz").is_file() for case_id in run.val_ids)
-    assert (validation / "summary.json").is_file()
+    kept, = trained.fold_dir(0).glob("previous_run_*")  # the first run's validation, moved aside by the new run
+    assert (kept / "validation" / "summary.json").is_file()
 
 
 def test_loader_appends_untouched_one_hot_channels(cascade, trained: ModelFolder) -> None:
