@@ -6,11 +6,10 @@ The CLI is a thin layer over these; scripts and notebooks call them directly.
 from __future__ import annotations
 
 import shutil
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoseg.dataset.contract import Dataset, LabelDef, Problem
+from autoseg.dataset.contract import Dataset, Problem
 from autoseg.errors import DatasetError, PlanError, SettingsError
 from autoseg.fingerprint.contract import Fingerprint
 from autoseg.log import get_logger, is_main_rank
@@ -27,11 +26,11 @@ from autoseg.planning.identifier import (
 from autoseg.serialization import atomic_write, load_contract, save_contract
 
 if TYPE_CHECKING:
-    from autoseg.evaluation import BestChoice, EvaluationSummary
-    from autoseg.evaluation.compare import Comparison
+    from autoseg.evaluation import EvaluationSummary
     from autoseg.inference import PredictOptions, PredictReport
     from autoseg.planning.networks import NetworkSummary
     from autoseg.sharing import ArchiveManifest, InstalledModel
+    from autoseg.sharing.nnunet_import import ImportedModel
     from autoseg.sharing.onnx_export import OnnxExport
 
 log = get_logger("api")
@@ -232,6 +231,11 @@ def predict(
     it, the previous stage's model folder beside this one predicts them first, into
     OUTPUT/.previous_<stage>/ (with the same options), and a case it could not predict fails here too.
     """
+    from autoseg.inference import PredictOptions
+    from autoseg.sharing.nnunet_import import nnunet_as_autoseg
+
+    model = nnunet_as_autoseg(model, configuration=configuration,  # nnU-Net folder or zip: a converted copy
+                              checkpoint=(options or PredictOptions()).checkpoint)
     if model is not None and Path(model).suffix.lower() == ".zip" and Path(model).is_file():
         return _predict_with_archive(Path(model), source, output, configuration=configuration, options=options,
                                      overwrite=overwrite, save_probabilities=save_probabilities, prev_stage=prev_stage)
@@ -280,6 +284,18 @@ def _predict_with_archive(archive: Path, source: str | Path, output: str | Path,
         return predict(source, output, model=installed.model_folder(configuration), options=options, **kwargs)
 
 
+def import_nnunet(source: str | Path, output: str | Path | None = None, *, checkpoint: str = "final",
+                  folds: list[str] | None = None, postprocessing: bool = True, overwrite: bool = False,
+                  configuration: str | None = None) -> ImportedModel:
+    """Write an nnU-Net v2 model folder or zip as an autoseg model folder in `output` (default: the dataset's
+    folder under AUTOSEG_RESULTS); `configuration` picks one model of a zip that holds several."""
+    from autoseg.sharing import nnunet_import
+
+    target = Path(output) if output is not None else nnunet_import.default_output(Path(source))
+    return nnunet_import.import_nnunet(source, target, checkpoint=checkpoint, folds=folds, configuration=configuration,
+                                       postprocessing=postprocessing, overwrite=overwrite)
+
+
 def export_model(dataset: str | Path, output: str | Path, *, configurations: list[str],
                  folds: list[str] | None = None, checkpoint: str = "final", plans_name: str = "autoseg",
                  ) -> ArchiveManifest:
@@ -309,87 +325,6 @@ def export_onnx(output: str | Path, *, dataset: str | Path | None = None, config
     return export(model, Path(output), fold=fold, checkpoint=checkpoint, opset=opset, check=check)
 
 
-def evaluate(
-    predictions: str | Path, reference: str | Path, *, dataset: str | Path | None = None, distances: bool = False,
-    tolerance_mm: float = 1.0, workers: int = 1, output: str | Path | None = None,
-) -> EvaluationSummary:
-    """Compare a folder of predicted label maps with reference labels (Dice, IoU, optional HD95 / NSD)."""
-    from autoseg.evaluation import evaluate_folder
-
-    labels, ignore = _evaluation_labels(Path(predictions), dataset)
-    ending = _common_ending(Path(predictions))
-    return evaluate_folder(predictions, reference, labels, file_ending=ending, ignore_label=ignore,
-                           distances=distances, tolerance_mm=tolerance_mm, workers=workers, output=output)
-
-
-def ensemble(inputs: list[str | Path], output: str | Path, *, overwrite: bool = False,
-             save_probabilities: bool = False, workers: int = 1) -> list[str]:
-    """Average the saved probabilities of several prediction folders into one segmentation per case."""
-    from autoseg.inference import ensemble_folders
-
-    return ensemble_folders([Path(p) for p in inputs], Path(output), overwrite=overwrite,
-                            save_probabilities=save_probabilities, workers=workers)
-
-
-def postprocess(source: str | Path, output: str | Path, rules: str | Path, *, overwrite: bool = False,
-                workers: int = 1) -> list[str]:
-    """Apply the postprocessing rules chosen by `find_best` (postprocessing.json) to a prediction folder."""
-    from autoseg.inference import load_rules, postprocess_folder
-
-    return postprocess_folder(Path(source), Path(output), load_rules(Path(rules)), file_ending=_common_ending(
-        Path(source)), overwrite=overwrite, workers=workers)
-
-
-def find_best(dataset: str | Path, *, configurations: list[str] | None = None, allow_ensembles: bool = True,
-              workers: int = 1, plans_names: list[str] | None = None) -> BestChoice:
-    """Choose the best configuration or pair ensemble from the cross-validation, and its postprocessing.
-
-    Candidates: the model folders of every plans identifier (pairs across identifiers included), or
-    of `plans_names` only; `configurations` are folder names or configuration names.
-    """
-    from autoseg.evaluation import find_best as choose
-
-    location = resolve_dataset(dataset)
-    parsed = load(location.raw)
-    choice = choose(location.results, location.raw / "labelsTr", parsed.foreground_labels,
-                    file_ending=parsed.file_ending, ignore_label=parsed.ignore_label, configurations=configurations,
-                    allow_ensembles=allow_ensembles, workers=workers,
-                    plans_names=[resolve_identifier(p) for p in plans_names] if plans_names else None)
-    compare(dataset)  # the trade-offs of what was compared, beside best.json
-    return choice
-
-
-def compare(dataset: str | Path) -> Comparison:
-    """Every trained model folder side by side (Dice, size, speed, memory): comparison.json/.md/.png in results."""
-    from autoseg.evaluation.compare import write_comparison
-
-    return write_comparison(resolve_dataset(dataset).results)
-
-
-def _evaluation_labels(predictions: Path, dataset: str | Path | None) -> tuple[tuple[LabelDef, ...], int | None]:
-    """Labels from the dataset when given, else from the prediction folder's prediction.json."""
-    if dataset is not None:
-        parsed = load(resolve_dataset(dataset).raw)
-        return parsed.foreground_labels, parsed.ignore_label
-    from autoseg.inference.info import INFO_FILE, read_prediction_info
-
-    if not (predictions / INFO_FILE).is_file():
-        raise SettingsError("the labels to evaluate are unknown", path=predictions,
-                            hint="pass -d DATASET (the folder has no prediction.json from `autoseg predict`)")
-    info = read_prediction_info(predictions)
-    return tuple(label for label in info.labels if label.values != (0,)), None
-
-
-def _common_ending(folder: Path) -> str:
-    from autoseg.io.readers import file_ending
-
-    endings = Counter(file_ending(path) for path in folder.iterdir() if path.is_file() and file_ending(path))
-    if not endings:
-        raise SettingsError("no image files in the prediction folder", path=folder,
-                            hint="point at the folder `autoseg predict` wrote")
-    return endings.most_common(1)[0][0]
-
-
 def plans_path(location: DatasetLocation, plans_name: str | None = None) -> Path:
     """plans.json (default plans) or plans__IDENTIFIER.json in the dataset's preprocessed folder."""
     return location.preprocessed / plans_file_name(resolve_identifier(plans_name))
@@ -405,3 +340,7 @@ def load_plans(dataset: str | Path, plans_name: str | None = None) -> Plans:
         raise PlanError("the dataset has not been planned for these plans yet", path=path,
                         hint=f"run `{command}` first" + (f" (planned: {', '.join(others)})" if others else ""))
     return load_contract(path, Plans, rerun=f"autoseg plan {dataset}")
+
+
+# evaluation, ensembling, postprocessing, find-best and comparison live in their own module
+from autoseg.api_evaluation import compare, ensemble, evaluate, find_best, postprocess  # noqa: E402,F401

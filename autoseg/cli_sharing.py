@@ -1,4 +1,5 @@
-"""Commands for sharing and support: export-model, install-model, export-onnx, env (registered by autoseg.cli)."""
+"""Commands for sharing and support: export-model, install-model, import-nnunet, export-onnx, env (registered by
+autoseg.cli)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,48 @@ def install_model_command(
                       soft_wrap=True, markup=False)
     if installed.postprocessing is not None:
         console.print(f"  autoseg postprocess -i OUTPUT -o OUTPUT_PP --rules {installed.postprocessing}",
+                      soft_wrap=True, markup=False)
+
+
+@app.command("import-nnunet", context_settings={"allow_extra_args": True})
+@guarded
+def import_nnunet_command(
+    ctx: typer.Context,
+    source: Annotated[Path, typer.Argument(help=(
+        "An nnU-Net v2 model folder <Trainer>__<Plans>__<configuration>, or a zip of nnUNetv2_export_model_to_zip."))],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help=(
+        "Folder to write the model folder into (default: AUTOSEG_RESULTS/<dataset of its plans.json>)."))] = None,
+    configuration: Annotated[str | None, typer.Option("--configuration", "-c", help=(
+        "The model to import from a zip that holds several, e.g. 3d_fullres."))] = None,
+    folds: Annotated[list[str] | None, typer.Option("--folds", "-f", help=FOLD_HELP)] = None,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="final, best or latest (checkpoint_*.pth).")
+                          ] = "final",
+    postprocessing: Annotated[bool, typer.Option("--postprocessing/--no-postprocessing", help=(
+        "Convert crossval_results_folds_*/postprocessing.json into autoseg's rules."))] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a model folder that is already there.")
+                         ] = False,
+) -> None:
+    """Turn a trained nnU-Net v2 model (folder or zip) into an autoseg model folder (same weights, same preprocessing).
+
+    Read without nnunetv2 and without unpickling: plans.json, dataset.json, checkpoints loaded weights-only
+    (numpy scalars allowed), postprocessing.json (never the .pkl). A network class, normalisation or
+    resampling autoseg cannot reproduce exactly is refused with its name. `autoseg predict -m FOLDER`
+    also takes the nnU-Net folder or zip directly (converted once into a cache).
+    Example: autoseg import-nnunet nnUNet_results/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres
+    """
+    from autoseg import api
+
+    fold_list = _folds(list(folds or []) + list(ctx.args))  # -f 0 1 2 as nnU-Net lists folds
+    imported = api.import_nnunet(source, output, checkpoint=checkpoint, folds=list(fold_list) if fold_list else None,
+                                 postprocessing=postprocessing, overwrite=overwrite, configuration=configuration)
+    console = _console()
+    axes = " ".join(map(str, imported.mirror_axes)) or "none"
+    console.print(f"wrote {imported.folder} ({imported.trainer}, folds {' '.join(imported.folds)}, test-time "
+                  f"mirroring over axes {axes})", soft_wrap=True, markup=False)
+    console.print(f"  autoseg predict -i INPUT -o OUTPUT -m {imported.folder} --checkpoint {imported.checkpoint}",
+                  soft_wrap=True, markup=False)
+    if imported.postprocessing is not None:
+        console.print(f"  autoseg postprocess -i OUTPUT -o OUTPUT_PP --rules {imported.postprocessing}",
                       soft_wrap=True, markup=False)
 
 

@@ -159,8 +159,8 @@ def load_contract(path: str | Path, cls: type[T], *, rerun: str) -> T:
     found = data.get("format") if isinstance(data, dict) else None
     if found is None and isinstance(data, dict) and "original_median_spacing_after_transp" in data:
         raise FormatVersionError(f"this looks like an nnU-Net file, not an autoseg {cls.__name__} file", path=path,
-                                 hint="autoseg cannot load nnU-Net's plans or models; plan and train with autoseg "
-                                      "(it reads the same raw dataset), see docs/migrating.md")
+                                 hint="for an nnU-Net model folder, run `autoseg import-nnunet FOLDER` (or predict -m "
+                                      "FOLDER); to train, plan with autoseg. See docs/migrating.md")
     if found != expected:
         raise FormatVersionError(
             f"{cls.__name__} file has format {found!r}, this autoseg reads format {expected}",
