@@ -25,7 +25,13 @@ def evaluate(
 ) -> EvaluationSummary:
     """Compare a folder of predicted label maps with reference labels (Dice, IoU, optional HD95 / NSD)."""
     from autoseg.evaluation import evaluate_folder
+    from autoseg.inference.info import INFO_FILE
 
+    if (Path(reference) / INFO_FILE).is_file() and not (Path(predictions) / INFO_FILE).is_file():
+        raise SettingsError("the reference folder holds autoseg predictions (prediction.json) and the prediction "
+                            "folder does not: the two folders look swapped", path=reference,
+                            hint="autoseg evaluate PREDICTIONS REFERENCE (nnU-Net's evaluate_folder takes the "
+                                 "reference first)")
     labels, ignore = _evaluation_labels(Path(predictions), dataset)
     ending = _common_ending(Path(predictions))
     return evaluate_folder(predictions, reference, labels, file_ending=ending, ignore_label=ignore,

@@ -28,11 +28,13 @@ def predict_command(
         "A model folder (<config>__<plans>) anywhere on disk, instead of -d/-c."))] = None,
     plans_name: Annotated[str, typer.Option("--plans", "-p", help=(
         "Plans identifier of the model folder (<config>__<plans>), e.g. resenc."))] = "autoseg",
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="final, best or latest.")] = "final",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Mirroring test-time augmentation (8x work in 3D).")
+    checkpoint: Annotated[str, typer.Option("--checkpoint", "-chk", help=(
+        "final, best or latest (-chk: nnU-Net's spelling)."))] = "final",
+    device: Annotated[str, typer.Option("--device", "-device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", " /--disable_tta", help=(
+        "Mirroring test-time augmentation (8x work in 3D); --disable_tta is nnU-Net's spelling of --no-tta."))
                    ] = True,
-    step_size: Annotated[float, typer.Option("--step-size", min=0.05, max=1.0, help=(
+    step_size: Annotated[float, typer.Option("--step-size", "-step_size", min=0.05, max=1.0, help=(
         "Tile step as a fraction of the patch (0.5: tiles overlap by half)."))] = 0.5,
     tiles_per_batch: Annotated[int | None, typer.Option("--tiles-per-batch", min=1, help=(
         "Tiles per forward pass (default: 1 on CPU, the plan's batch size on GPU)."))] = None,
@@ -45,10 +47,10 @@ def predict_command(
         "torch, openvino, onnxruntime (CPU engines: pip install \"autoseg[openvino]\" / \"autoseg[onnx]\"), or "
         "auto: the fastest installed engine that reproduces torch's output on this model, else torch. "
         "See docs/inference.md."))] = "torch",
-    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", help=(
+    save_probabilities: Annotated[bool, typer.Option("--save-probabilities", "--save_probabilities", help=(
         "Also write CASE.npz with class probabilities (for `autoseg ensemble`)."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict cases whose output exists too.")] = False,
-    prev_stage: Annotated[Path | None, typer.Option("--prev-stage", help=(
+    prev_stage: Annotated[Path | None, typer.Option("--prev-stage", "-prev_stage_predictions", help=(
         "Cascade only: folder of the 3d_lowres predictions of these scans (CASE<ending>). Default: run the "
         "3d_lowres model first, into OUTPUT/.previous_3d_lowres."))] = None,
 ) -> None:

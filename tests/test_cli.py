@@ -101,3 +101,27 @@ def test_system_errors_are_two_lines_with_a_fix_not_a_traceback(roots: Path, mon
     result = CliRunner().invoke(app, ["compare", "Dataset004_Hippocampus"])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "Not a directory" in result.output and "AUTOSEG_" in result.output
+
+
+def test_nnunet_spellings_of_predict_flags_are_accepted() -> None:
+    """Issue 19: users coming from nnUNetv2_predict type -chk, -device, -step_size, --disable_tta."""
+    import typer
+
+    command = typer.main.get_command(app).commands["predict"]
+    given = ["-i", "in", "-o", "out", "--disable_tta", "-chk", "best", "-step_size", "0.7", "-device", "cpu",
+             "--save_probabilities", "-prev_stage_predictions", "lowres"]
+    params = command.make_context("predict", given).params
+    assert (params["tta"], params["checkpoint"], params["step_size"], params["device"]) == (False, "best", 0.7, "cpu")
+    assert params["save_probabilities"] and str(params["prev_stage"]) == "lowres"
+    assert command.make_context("predict", ["-i", "in", "-o", "out"]).params["tta"] is True
+
+
+def test_evaluate_with_the_folders_swapped_is_refused(tmp_path: Path) -> None:
+    """Issue 19: `evaluate GT PRED` (nnU-Net's order) must not evaluate the reference against the predictions."""
+    predicted, reference = tmp_path / "pred", tmp_path / "gt"
+    predicted.mkdir()
+    reference.mkdir()
+    (predicted / "prediction.json").write_text("{}")
+    result = CliRunner().invoke(app, ["evaluate", str(reference), str(predicted)])
+    assert result.exit_code == 2 and "look swapped" in result.output and "PREDICTIONS REFERENCE" in result.output
+    assert not (predicted / "summary.json").exists() and not (reference / "summary.json").exists()
