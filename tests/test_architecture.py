@@ -18,7 +18,7 @@ LAYERS = {
     "__init__": 0, "errors": 0, "log": 0, "serialization": 0, "paths": 0, "registry": 0,
     "runtime": 0, "io": 0,
     "dataset": 1, "fingerprint": 2, "model": 3, "planning": 4, "preprocessing": 5,
-    "model_folder": 6, "training": 7, "inference": 7, "evaluation": 8, "sharing": 8, "api": 9,
+    "model_folder": 6, "training": 7, "inference": 7, "evaluation": 8, "sharing": 8, "api": 9, "api_evaluation": 9,
     "cli_tables": 10, "cli": 10, "cli_inference": 10, "cli_sharing": 10, "__main__": 11,
 }
 #: Pairs that must never import each other even though their layers would allow it.

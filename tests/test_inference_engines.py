@@ -229,3 +229,13 @@ def test_predict_with_onnxruntime_end_to_end(example_dataset: Path, tmp_path: Pa
         reference, _ = read_label(outputs["torch"] / f"{case}.nii.gz")
         labels, _ = read_label(outputs["onnxruntime"] / f"{case}.nii.gz")
         assert (labels == reference).mean() >= 0.999
+
+
+def test_the_environment_report_names_every_registered_engine() -> None:
+    """runtime.report reads engine versions from package metadata (it may not import inference): keep in step."""
+    from autoseg.runtime.report import environment_report
+
+    report = environment_report()
+    assert set(report.engines) == set(installed_engines())
+    assert {name for name, version in report.engines.items() if version} == \
+        {name for name, version in installed_engines().items() if version}

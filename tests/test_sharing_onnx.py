@@ -19,6 +19,7 @@ from model_builders import make_model_folder  # noqa: E402
 from autoseg.dataset.load import load_dataset  # noqa: E402
 from autoseg.fingerprint import extract_fingerprint  # noqa: E402
 from autoseg.inference import PredictOptions, Predictor  # noqa: E402
+from autoseg.model import onnx_graph  # noqa: E402
 from autoseg.model_folder import CheckpointError, ModelFolder  # noqa: E402
 from autoseg.planning import plan  # noqa: E402
 from autoseg.planning.contract import Plans  # noqa: E402
@@ -110,6 +111,7 @@ def test_two_d_configuration_exports(plans: Plans, example_dataset: Path, tmp_pa
 def test_torchscript_exporter_is_the_fallback(folder_3d: ModelFolder, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onnx_export, "_has_dynamo_exporter", lambda: False)  # as on torch < 2.5
+    monkeypatch.setattr(onnx_graph, "has_dynamo_exporter", lambda: False)
     result = export_onnx(folder_3d.root, tmp_path / "m.onnx", opset=17)
     assert result.exporter == "torchscript" and result.opset == 17
     assert result.max_abs_diff is not None and result.max_abs_diff < 1e-3

@@ -96,12 +96,13 @@ def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> CpuFeatures:
     return CpuFeatures(name=name, avx512_bf16="avx512_bf16" in flags, amx_bf16="amx_bf16" in flags)
 
 
+#: The inference engines (autoseg.inference.engines; `predict --engine`) and the package each needs. Read
+#: from package metadata: the runtime layer does not import inference, and nothing heavy is loaded.
+ENGINE_PACKAGES = {"torch": "torch", "onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
 def _engines() -> dict[str, str | None]:
-    try:
-        from autoseg.inference.engines import installed_engines
-    except ImportError:  # torch itself is missing
-        return {}
-    return installed_engines()
+    return {engine: _version(package) for engine, package in ENGINE_PACKAGES.items()}
 
 
 def _version(distribution: str) -> str | None:

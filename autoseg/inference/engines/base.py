@@ -3,7 +3,7 @@
 An engine turns one fold's network into a callable with the network's own contract, so the sliding window
 (autoseg.inference.sliding) does not know which engine runs: a float32 CPU tensor (tiles, channels, *patch)
 in, float32 logits (tiles, classes, *patch) out, spatial axes in array order (z, y, x or y, x). Engines other
-than torch run an ONNX export of the network (autoseg.sharing.onnx_export) on the CPU.
+than torch run an ONNX export of the network (autoseg.model.onnx_graph) on the CPU.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def _exported(network: nn.Module, spec: CompileSpec, entry: CacheEntry, checkpoi
     """The cached ONNX export of the network, written on first use."""
     if entry.onnx.is_file():
         return entry.onnx
-    from autoseg.sharing import onnx_export
+    from autoseg.model import onnx_graph
 
     parameter = next(network.parameters(), None)
     if parameter is not None and (parameter.device.type != "cpu" or parameter.dtype != torch.float32):
@@ -158,7 +158,7 @@ def _exported(network: nn.Module, spec: CompileSpec, entry: CacheEntry, checkpoi
     example = torch.randn(_EXPORT_BATCH, spec.in_channels, *spec.patch, generator=torch.Generator().manual_seed(0))
     log.info("exporting the network to ONNX for the engine cache (%s), once per checkpoint", entry.path)
     try:
-        exporter = onnx_export.export_network(network, example, entry.onnx)
+        exporter = onnx_graph.export_network(network, example, entry.onnx)
         entry.describe(checkpoint=checkpoint, exporter=exporter)
     except OSError as err:  # a read-only or full home folder
         raise EngineError(f"the engine cache cannot be written ({err})", path=entry.path,
