@@ -25,6 +25,7 @@ from autoseg.preprocessing.contract import CaseProperties
 from autoseg.preprocessing.crop import OUTSIDE
 from autoseg.preprocessing.inverse import restore_label, restore_probabilities
 from autoseg.preprocessing.run import preprocess_dataset
+from autoseg.runtime.lock import LOCK_NAME
 from autoseg.serialization import load_contract, save_contract
 
 
@@ -39,8 +40,13 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
+def _files(folder: Path) -> list[Path]:
+    """The cache's files, without the lock file every run rewrites (autoseg.runtime.lock)."""
+    return sorted(p for p in folder.iterdir() if p.name != LOCK_NAME)
+
+
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _files(folder)}
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +105,11 @@ def test_probability_round_trip_sums_to_one(prepared) -> None:
 def test_rerun_skips_finished_cases_and_overwrite_redoes_them(prepared) -> None:
     dataset, plans, folders = prepared
     folder = folders["3d_fullres"]
-    stamps = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in _files(folder)}
     preprocess_dataset(dataset, plans, ["3d_fullres"], out_root=folder.parent)
-    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    assert {p: p.stat().st_mtime_ns for p in _files(folder)} == stamps
     preprocess_dataset(dataset, plans, ["3d_fullres"], out_root=folder.parent, overwrite=True)
-    assert any(p.stat().st_mtime_ns != stamps[p] for p in folder.iterdir())
+    assert any(p.stat().st_mtime_ns != stamps[p] for p in _files(folder))
 
 
 def test_cache_is_shared_between_networks_and_kept_from_before_families(prepared) -> None:
@@ -178,7 +184,7 @@ def test_killed_process_resumes_to_the_same_files(tmp_path: Path) -> None:
     fresh = {k: v for k, v in _digest(reference / "Dataset950_Kill" / folder.name).items()
              if not k.endswith(".json")}
     assert finished < 10 and resumed == fresh
-    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+    assert not [p for p in _files(folder) if p.name.startswith(".")]  # no temporary file left
 
 
 @pytest.mark.realdata
