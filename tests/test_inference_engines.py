@@ -153,7 +153,7 @@ def test_auto_is_torch_on_a_gpu_and_cpu_engines_refuse_it() -> None:
 
 def _counting_exporter(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Replace the ONNX export by one that records its calls and writes a placeholder file."""
-    from autoseg.sharing import onnx_export
+    from autoseg.model import onnx_graph
 
     calls: list[Path] = []
 
@@ -163,7 +163,7 @@ def _counting_exporter(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         Path(output).write_bytes(b"onnx")
         return "test"
 
-    monkeypatch.setattr(onnx_export, "export_network", export)
+    monkeypatch.setattr(onnx_graph, "export_network", export)
     return calls
 
 
