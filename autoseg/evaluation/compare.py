@@ -135,17 +135,17 @@ def _row(results: Path, folder: ModelFolder) -> ModelRow | None:
         return None
     config = plans.configurations[configuration]
     from autoseg.model.families import family_of
+    from autoseg.training.progress import read_metrics
 
     dice, source = _dice(results, folder, folds)
     defined = [value for _, value in dice if value is not None]
-    memory = [_peak(folder, fold) for fold in folds]
-    measured = [m for m in memory if m is not None]
-    peak = max(measured, default=None)
+    records = {fold: read_metrics(folder.fold_dir(fold) / "metrics.jsonl") for fold in folds}  # read once
+    peak = _peak([r for fold_records in records.values() for r in fold_records])
     return ModelRow(
         model=folder.root.name, configuration=configuration, plans=plans_name,
         network=family_of(config.topology).name, folds=folds, dice=dice, dice_source=source,
         mean_dice=sum(defined) / len(defined) if defined else None, parameters=config.parameter_count,
-        receptive_field=tuple(config.receptive_field), seconds_per_iteration=_seconds_per_iteration(folder, folds),
+        receptive_field=tuple(config.receptive_field), seconds_per_iteration=_seconds_per_iteration(folder, records),
         prediction_seconds_per_case=_prediction_seconds(folder, folds),
         estimated_memory_gib=config.estimated_memory_gb,
         peak_memory_gib=None if peak is None else peak[0], memory_kind=None if peak is None else peak[1])
@@ -173,14 +173,12 @@ def _dice(results: Path, folder: ModelFolder, folds: tuple[str, ...]) -> tuple[D
     return tuple((name, total / n if n else None) for name, (total, n) in totals.items()), "fold validation"
 
 
-def _seconds_per_iteration(folder: ModelFolder, folds: tuple[str, ...]) -> float | None:
-    from autoseg.training.progress import read_metrics
-
+def _seconds_per_iteration(folder: ModelFolder, records: dict[str, list[dict]]) -> float | None:
     values = []
-    for fold in folds:
+    for fold, fold_records in records.items():
         settings = folder.fold_settings_file(fold)
         fallback = read_json(settings).get("iterations_per_epoch") if settings.is_file() else None
-        for record in read_metrics(folder.fold_dir(fold) / "metrics.jsonl"):
+        for record in fold_records:
             iterations = record.get("iterations") or fallback
             seconds = record.get("train_seconds", record.get("epoch_seconds"))
             if iterations and seconds is not None:
@@ -198,13 +196,12 @@ def _prediction_seconds(folder: ModelFolder, folds: tuple[str, ...]) -> float | 
     return seconds / cases if cases else None
 
 
-def _peak(folder: ModelFolder, fold: str) -> tuple[float, str] | None:
-    from autoseg.training.progress import read_metrics
-
-    records = [r for r in read_metrics(folder.fold_dir(fold) / "metrics.jsonl") if "peak_memory_gib" in r]
-    if not records:
+def _peak(records: list[dict]) -> tuple[float, str] | None:
+    """The largest recorded peak memory (GiB) of the folds' epochs and its kind; None if none was recorded."""
+    measured = [r for r in records if "peak_memory_gib" in r]
+    if not measured:
         return None
-    top = max(records, key=lambda r: r["peak_memory_gib"])
+    top = max(measured, key=lambda r: r["peak_memory_gib"])
     return float(top["peak_memory_gib"]), str(top.get("memory_kind", "unknown"))
 
 

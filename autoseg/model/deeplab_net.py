@@ -7,7 +7,7 @@ applies, with the convs of its later stages switched to atrous (`atrous`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -36,6 +36,18 @@ def atrous(module: nn.Module, dilation: Sequence[int]) -> None:
         if isinstance(conv, convs) and any(k > 1 for k in conv.kernel_size):
             conv.dilation = tuple(d if k > 1 else 1 for d, k in zip(dilation, conv.kernel_size))
             conv.padding = tuple(d * (k // 2) for d, k in zip(conv.dilation, conv.kernel_size))
+
+
+def atrous_encoder(encoder: Callable[[Topology, int], nn.Module], topology: Topology, in_channels: int
+                   ) -> tuple[nn.Module, tuple[int, ...]]:
+    """`encoder(topology, in_channels)` built with the strides of `atrous_plan` (no striding past the output
+    stride) and its later stages dilated instead (`stage_dilations`); returns it and the output stride per
+    axis. The encoder must expose `stages` (one module per plan stage)."""
+    strides, _, output_stride = atrous_plan(topology)
+    built = encoder(replace(topology, strides=tuple(strides)), in_channels)
+    for stage, dilation in zip(built.stages, stage_dilations(topology)):
+        atrous(stage, dilation)
+    return built, output_stride
 
 
 def upsampling(factor: Sequence[int], dim: int) -> nn.Module:
@@ -114,10 +126,7 @@ class DeepLab(SingleOutputNet):
         check_topology(topology, in_channels=in_channels, num_classes=num_classes, family=topology.architecture,
                        decoder=False)
         self.topology, self.in_channels, self.num_classes = topology, in_channels, num_classes
-        strides, _, self.output_stride = atrous_plan(topology)
-        self.encoder = ResidualEncoder(replace(topology, strides=tuple(strides)), in_channels)
-        for stage, dilation in zip(self.encoder.stages, stage_dilations(topology)):
-            atrous(stage, dilation)
+        self.encoder, self.output_stride = atrous_encoder(ResidualEncoder, topology, in_channels)
         channels = topology.features_per_stage[-1]
         self.aspp = ASPP(topology, channels, channels)
         self.skip, final = None, self.output_stride

@@ -9,7 +9,6 @@ network applies, its later stages switched to atrous as in DeepLab (`autoseg.mod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -17,9 +16,8 @@ from torch import nn
 from autoseg.model.blocks import NONLINS, conv_op
 from autoseg.model.checks import check_topology
 from autoseg.model.contract import Topology
-from autoseg.model.deeplab_net import atrous, upsampling
+from autoseg.model.deeplab_net import atrous, atrous_encoder, upsampling
 from autoseg.model.fcn_net import SingleOutputNet
-from autoseg.model.networks.deeplab import atrous_plan, stage_dilations
 from autoseg.model.networks.mscadc import context_kernel, context_rates
 from autoseg.model.unet import PlainEncoder, init_weights
 
@@ -72,10 +70,7 @@ class MSCADC(SingleOutputNet):
         check_topology(topology, in_channels=in_channels, num_classes=num_classes, family=topology.architecture,
                        decoder=False)
         self.topology, self.in_channels, self.num_classes = topology, in_channels, num_classes
-        strides, _, self.output_stride = atrous_plan(topology)
-        self.frontend = PlainEncoder(replace(topology, strides=tuple(strides)), in_channels)
-        for stage, dilation in zip(self.frontend.stages, stage_dilations(topology)):
-            atrous(stage, dilation)
+        self.frontend, self.output_stride = atrous_encoder(PlainEncoder, topology, in_channels)
         channels = topology.features_per_stage[-1]
         self.context = ContextModule(topology, channels)
         self.classifier = conv_op(topology.dim)(channels, num_classes, 1, bias=True)
