@@ -121,15 +121,17 @@ def networks(dataset: str | Path | None = None, *, memory_budget_gb: float = 8.0
 
 def preprocess(
     dataset: str | Path, *, configurations: tuple[str, ...] = ("3d_fullres",), workers: int = 1,
-    overwrite: bool = False, plans_name: str | None = None,
+    overwrite: bool = False, plans_name: str | None = None, part: str | None = None,
 ) -> dict[str, Path]:
     """Preprocess the dataset for the planned configurations (of plans identifier `plans_name`, default
     the default plans); returns configuration -> cache folder, shared by identifiers with equal arrays.
 
     Needs `plan` first. Finished cases are skipped unless `overwrite`; an interrupted run resumes.
+    `part` "I/N": only every N-th case from the I-th (a SLURM array of N tasks covers the dataset once).
     """
     from autoseg.fingerprint import dataset_hash
     from autoseg.preprocessing.run import preprocess_dataset
+    from autoseg.runtime.parts import Part
 
     location = resolve_dataset(dataset)
     plans = load_plans(location.raw, plans_name)
@@ -137,7 +139,7 @@ def preprocess(
     if plans.fingerprint_hash != dataset_hash(parsed):
         log.warning("the raw dataset changed since it was planned: consider `autoseg plan %s --force`", dataset)
     return preprocess_dataset(parsed, plans, list(configurations), out_root=location.preprocessed,
-                              workers=workers, overwrite=overwrite)
+                              workers=workers, overwrite=overwrite, part=Part.parse(part))
 
 
 def train(
@@ -223,8 +225,12 @@ def predict(
     source: str | Path, output: str | Path, *, dataset: str | Path | None = None, configuration: str = "3d_fullres",
     plans_name: str = "autoseg", model: str | Path | None = None, options: PredictOptions | None = None,
     overwrite: bool = False, save_probabilities: bool = False, prev_stage: str | Path | None = None,
+    part: str | None = None,
 ) -> PredictReport:
     """Segment every scan in `source` (a folder of CASE_XXXX files, or one file) into `output`.
+
+    `part` "I/N": only every N-th case from the I-th, so N processes (a SLURM array) share a folder;
+    cases already in `output` are skipped, so a last run without `part` only checks completeness.
 
     The model is `model` (a model folder path) or the `configuration` of `dataset` under AUTOSEG_RESULTS.
     A cascade stage (3d_cascade_fullres) reads the previous stage's predictions from `prev_stage`; without
@@ -232,13 +238,16 @@ def predict(
     OUTPUT/.previous_<stage>/ (with the same options), and a case it could not predict fails here too.
     """
     from autoseg.inference import PredictOptions
+    from autoseg.runtime.parts import Part
     from autoseg.sharing.nnunet_import import nnunet_as_autoseg
 
+    share = Part.parse(part)  # a mistyped --part fails before any model is loaded
     model = nnunet_as_autoseg(model, configuration=configuration,  # nnU-Net folder or zip: a converted copy
                               checkpoint=(options or PredictOptions()).checkpoint)
     if model is not None and Path(model).suffix.lower() == ".zip" and Path(model).is_file():
         return _predict_with_archive(Path(model), source, output, configuration=configuration, options=options,
-                                     overwrite=overwrite, save_probabilities=save_probabilities, prev_stage=prev_stage)
+                                     overwrite=overwrite, save_probabilities=save_probabilities, prev_stage=prev_stage,
+                                     part=part)
     from autoseg.inference import Predictor, predict_folder
 
     model = _chosen_model(model, dataset, configuration, plans_name)
@@ -254,10 +263,10 @@ def predict(
         prev_stage = Path(output) / f".previous_{stage}"
         log.info("cascade: predicting with %s first, into %s", earlier.name, prev_stage)
         first_stage = predict_folder(Predictor.from_folder(earlier, options), Path(source), prev_stage,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, part=share)
     report = predict_folder(predictor, Path(source), Path(output), overwrite=overwrite,
                             save_probabilities=save_probabilities,
-                            previous_stage=None if prev_stage is None else Path(prev_stage))
+                            previous_stage=None if prev_stage is None else Path(prev_stage), part=share)
     if first_stage is not None:  # the first stage's own reason is the useful one
         report.failed.update({case: f"{stage}: {message}" for case, message in first_stage.failed.items()})
     return report

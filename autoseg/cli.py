@@ -44,6 +44,9 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Recompute the fingerpri
 PlansOpt = Annotated[str | None, typer.Option("--plans", "-p", help=(
     "Plans identifier: the network of `autoseg plan --network NAME` (e.g. resenc). Default: the default "
     "plans (plans.json, the U-Net)."))]
+PartOpt = Annotated[str | None, typer.Option("--part", metavar="I/N", help=(
+    "Only part I of N of the cases (every N-th from the I-th; 1 <= I <= N): N processes or SLURM array tasks "
+    "share the work, each case once."))]
 BudgetOpt = Annotated[float, typer.Option("--gpu-memory-gb", min=1.0, help="GPU memory budget for training, GiB.")]
 
 
@@ -240,11 +243,13 @@ def preprocess_command(
     workers: WorkersOpt = 2,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo finished cases too.")] = False,
     plans_name: PlansOpt = None,
+    part: PartOpt = None,
 ) -> None:
     """Crop, normalise and resample every case into the cache the trainer reads (resumable).
 
     Run `autoseg plan DATASET` first. Finished cases are skipped, so an interrupted run picks up
-    where it stopped; cases whose raw files or plan changed are redone.
+    where it stopped; cases whose raw files or plan changed are redone. Large datasets: N processes
+    or SLURM tasks with --part 1/N ... N/N (scripts/slurm_preprocess.sbatch, docs/cluster.md).
     """
     from autoseg import api
 
@@ -252,7 +257,7 @@ def preprocess_command(
     given = list(configurations or []) + list(ctx.args)  # nnU-Net style lists: -c 2d 3d_fullres
     names = tuple(given or (["3d_fullres"] if "3d_fullres" in plans.configurations else ["2d"]))
     folders = api.preprocess(dataset, configurations=names, workers=workers, overwrite=overwrite,
-                             plans_name=plans_name)
+                             plans_name=plans_name, part=part)
     for name, folder in folders.items():
         _console().print(f"{name}: {folder}", soft_wrap=True)
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from autoseg.cli import DatasetArg, WorkersOpt, _console, app, guarded
+from autoseg.cli import DatasetArg, PartOpt, WorkersOpt, _console, app, guarded
 from autoseg.errors import SettingsError
 
 FOLD_HELP = ("Folds to average (default: every trained fold). Repeat (-f 0 -f 1), or list them as nnU-Net does: "
@@ -50,6 +50,7 @@ def predict_command(
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", "--save_probabilities", help=(
         "Also write CASE.npz with class probabilities (for `autoseg ensemble`)."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict cases whose output exists too.")] = False,
+    part: PartOpt = None,
     prev_stage: Annotated[Path | None, typer.Option("--prev-stage", "-prev_stage_predictions", help=(
         "Cascade only: folder of the 3d_lowres predictions of these scans (CASE<ending>). Default: run the "
         "3d_lowres model first, into OUTPUT/.previous_3d_lowres."))] = None,
@@ -59,6 +60,8 @@ def predict_command(
     Example: autoseg predict -i scans/ -o segmentations/ -d 4 -c 3d_fullres -f 0 1 2 3 4
     Scans are named like the training images (CASE_0000.nii.gz, CASE_0001.nii.gz for a 2nd channel).
     A case that cannot be read is reported and skipped; the exit code is 1 if any case failed.
+    Many scans: run N processes with --part 1/N ... N/N (scripts/slurm_predict.sbatch), then once without
+    --part to check that every case is there (docs/cluster.md).
     """
     from autoseg import api
     from autoseg.inference import PredictOptions
@@ -69,7 +72,7 @@ def predict_command(
                              precision=precision, engine=engine)
     report = api.predict(source, output, dataset=dataset, configuration=configuration, plans_name=plans_name,
                          model=model, options=options, overwrite=overwrite, save_probabilities=save_probabilities,
-                         prev_stage=prev_stage)
+                         prev_stage=prev_stage, part=part)
     console = _console()
     console.print(f"{len(report.written)} written, {len(report.skipped)} already there, {len(report.failed)} failed "
                   f"-> {output}", soft_wrap=True)

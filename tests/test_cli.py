@@ -125,3 +125,15 @@ def test_evaluate_with_the_folders_swapped_is_refused(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["evaluate", str(reference), str(predicted)])
     assert result.exit_code == 2 and "look swapped" in result.output and "PREDICTIONS REFERENCE" in result.output
     assert not (predicted / "summary.json").exists() and not (reference / "summary.json").exists()
+
+
+def test_preprocess_and_predict_take_a_part_of_the_cases(roots: Path) -> None:
+    assert runner.invoke(app, ["example-dataset", "--cases", "3", "--size", "32"]).exit_code == 0
+    assert runner.invoke(app, ["plan", "900", "-j", "1"]).exit_code == 0
+    cache = roots / "preprocessed" / "Dataset900_Example" / "autoseg_3d_fullres"
+    for part, done in (("1/2", 2), ("2/2", 3)):
+        result = runner.invoke(app, ["preprocess", "900", "-j", "1", "--part", part])
+        assert result.exit_code == 0, result.output
+        assert len(list(cache.glob("*.json"))) == done
+    wrong = runner.invoke(app, ["predict", "-i", "in", "-o", "out", "-d", "900", "--part", "0/2"])
+    assert wrong.exit_code == 2 and "numbered 1 to N" in wrong.output and "Traceback" not in wrong.output

@@ -223,3 +223,49 @@ def test_cluster_guide_links_and_scripts_exist() -> None:
     for script in set(re.findall(r"scripts/[\w.-]+", text)):
         assert (ROOT / script).is_file(), f"docs/cluster.md names a missing {script}"
     assert "--continue" in text and "find-best" in text and "torchrun" in text
+
+
+# ---------------------------------------------------------------- split prediction and preprocessing (--part)
+
+
+@needs_bash
+@pytest.mark.parametrize("script", ["slurm_predict.sbatch", "slurm_preprocess.sbatch"])
+def test_split_scripts_are_requeueable_arrays(script: str) -> None:
+    path = SCRIPTS / script
+    assert os.access(path, os.X_OK), f"{script} is not executable"
+    subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
+    directives = _sbatch_directives(path)
+    assert "--requeue" in directives and re.fullmatch(r"\d+-\d+", directives["--array"])
+    assert ("--gres" in directives) == (script == "slurm_predict.sbatch")  # preprocessing needs no GPU
+
+
+@needs_bash
+@pytest.mark.parametrize("array", [("0", "0", "4"), ("3", "0", "4"), ("1", "1", "8"), ("8", "1", "8"),
+                                   ("12", "10", "3")])
+def test_each_array_task_runs_its_own_part_and_the_parts_cover_the_array(stubs, array) -> None:
+    from autoseg.runtime.parts import Part
+
+    log, env = stubs
+    task, first, count = array
+    slurm = {**env, "SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_MIN": first, "SLURM_ARRAY_TASK_COUNT": count,
+             "SLURM_CPUS_PER_TASK": "6"}
+    expected = f"{int(task) - int(first) + 1}/{count}"
+    Part.parse(expected)  # a part that exists
+    result = _run("slurm_predict.sbatch", ["scans", "seg", "-d", "4", "--no-tta"], slurm)
+    assert result.returncode == 0, result.stderr
+    argv = (log / "autoseg.args").read_text().splitlines()
+    assert argv == ["predict", "-i", "scans", "-o", "seg", "--part", expected, "-d", "4", "--no-tta"]
+    assert not [a for a in argv[1:] if a.startswith("-") and a not in _cli_options()["predict"]]
+    result = _run("slurm_preprocess.sbatch", ["4", "-c", "3d_fullres"], slurm)
+    assert result.returncode == 0, result.stderr
+    argv = (log / "autoseg.args").read_text().splitlines()
+    assert argv == ["preprocess", "4", "--part", expected, "-j", "6", "-c", "3d_fullres"]
+    assert not [a for a in argv[1:] if a.startswith("-") and a not in _cli_options()["preprocess"]]
+
+
+@needs_bash
+def test_split_scripts_refuse_to_run_outside_an_array_or_without_arguments(stubs) -> None:
+    log, env = stubs
+    assert "INPUT OUTPUT" in _run("slurm_predict.sbatch", ["only-input"], {**env, "SLURM_ARRAY_TASK_ID": "1"}).stderr
+    outside = _run("slurm_preprocess.sbatch", ["4"], env)
+    assert outside.returncode == 2 and "job array" in outside.stderr and not (log / "autoseg.args").exists()

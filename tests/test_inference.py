@@ -69,6 +69,19 @@ def test_existing_outputs_are_skipped_unless_overwrite(model: ModelFolder, examp
     assert read_prediction_info(tmp_path).folds == ("0", "1")
 
 
+def test_parts_predict_disjoint_shares_and_a_last_whole_run_only_checks(model: ModelFolder, example_dataset: Path,
+                                                                       tmp_path: Path) -> None:
+    from autoseg.runtime.parts import Part
+
+    predictor = Predictor.from_folder(model.root, PredictOptions(folds=("0",), tta=False))
+    first = predict_folder(predictor, example_dataset / "imagesTs", tmp_path, part=Part(1, 2))
+    assert first.written == ["test_000"] and not (tmp_path / "test_001.nii.gz").exists()
+    second = predict_folder(predictor, example_dataset / "imagesTs", tmp_path, part=Part(2, 2))
+    assert second.written == ["test_001"] and not second.skipped
+    last = predict_folder(predictor, example_dataset / "imagesTs", tmp_path)
+    assert last.skipped == ["test_000", "test_001"] and not last.written and not last.failed
+
+
 OBLIQUE = (0.0, -1.0, 0.0, 0.8, 0.0, -0.6, 0.6, 0.0, 0.8)  # rotated and with a flipped axis (not RAS)
 
 

@@ -26,6 +26,7 @@ from autoseg.preprocessing.crop import OUTSIDE
 from autoseg.preprocessing.inverse import restore_label, restore_probabilities
 from autoseg.preprocessing.run import preprocess_dataset
 from autoseg.runtime.lock import LOCK_NAME
+from autoseg.runtime.parts import Part
 from autoseg.serialization import load_contract, save_contract
 
 
@@ -41,8 +42,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _files(folder: Path) -> list[Path]:
-    """The cache's files, without the lock file every run rewrites (autoseg.runtime.lock)."""
-    return sorted(p for p in folder.iterdir() if p.name != LOCK_NAME)
+    """The cache's files, without the lock files every run rewrites (autoseg.runtime.lock)."""
+    return sorted(p for p in folder.iterdir() if p.name != LOCK_NAME and not p.name.startswith(".autoseg.part"))
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -121,7 +122,7 @@ def test_cache_is_shared_between_networks_and_kept_from_before_families(prepared
     other = resenc.configurations["3d_fullres"]
     assert other.data_id == config.data_id and other.topology != config.topology
     folder = folders["3d_fullres"]
-    assert run_module._pending_jobs(dataset, resenc, other, folder, overwrite=False) == []
+    assert run_module._pending_jobs(dataset, dataset.cases, resenc, other, folder, overwrite=False) == []
     case = dataset.cases[0]
     properties_file = case_files(folder, case.case_id)["properties"]
     original = load_contract(properties_file, CaseProperties, rerun="-")
@@ -130,7 +131,8 @@ def test_cache_is_shared_between_networks_and_kept_from_before_families(prepared
     try:
         for stamp, pending in ((legacy, 0), ("stale", 1)):
             save_contract(properties_file, dataclasses.replace(original, source_hash=stamp))
-            assert len(run_module._pending_jobs(dataset, plans, config, folder, overwrite=False)) == pending
+            pending_jobs = run_module._pending_jobs(dataset, dataset.cases, plans, config, folder, overwrite=False)
+            assert len(pending_jobs) == pending
     finally:
         save_contract(properties_file, original)
 
@@ -155,6 +157,25 @@ def test_interrupted_write_is_redone_and_result_equals_uninterrupted(
     preprocess_dataset(dataset, plans, ["3d_fullres"], out_root=tmp_path / "cut")
     folder = reference["3d_fullres"]
     assert _digest(tmp_path / "cut" / folder.name) == _digest(folder)
+
+
+def test_parts_together_write_the_whole_cache_and_clean_only_their_own_leftovers(
+        example_dataset: Path, tmp_path: Path, prepared) -> None:
+    dataset, plans, folders = prepared
+    whole = folders["3d_fullres"]
+    folder = tmp_path / whole.name
+    folder.mkdir()
+    ids = sorted(case.case_id for case in dataset.cases)
+    stray = {case_id: folder / f".{case_id}.npy.killed.tmp" for case_id in ids}  # a killed run's leftovers
+    for path in stray.values():
+        path.write_bytes(b"")
+    count = 2
+    for index in range(1, count + 1):
+        preprocess_dataset(dataset, plans, ["3d_fullres"], out_root=tmp_path, part=Part(index, count))
+        done = {p.name[: -len(".json")] for p in folder.glob("*.json")}
+        assert done == {case_id for k, case_id in enumerate(ids) if k % count < index}
+        assert {case_id for case_id, path in stray.items() if path.exists()} == set(ids) - done
+    assert _digest(folder) == _digest(whole)
 
 
 @pytest.mark.slow

@@ -62,3 +62,20 @@ def test_preprocessing_and_training_take_their_folders_lock(small_training_setup
         with pytest.raises(SettingsError, match="training of 3d_fullres__autoseg fold 0 is already running"):
             train_one_fold(location, dataset, plans, "3d_fullres", 0, overrides={"epochs": 1}, device="cpu",
                            resume=False)
+
+
+def test_parts_run_side_by_side_but_not_twice_and_not_beside_the_whole_job(tmp_path: Path) -> None:
+    from autoseg.runtime.lock import part_lock
+    from autoseg.runtime.parts import Part
+
+    with part_lock(tmp_path, "preprocessing", Part(1, 2)), part_lock(tmp_path, "preprocessing", Part(2, 2)):
+        with pytest.raises(SettingsError, match=r"preprocessing, part 1/2 is already running \(pid"):
+            with part_lock(tmp_path, "preprocessing", Part(1, 2)):
+                pass
+        with pytest.raises(SettingsError, match="preprocessing is already running"):
+            with part_lock(tmp_path, "preprocessing", Part()):
+                pass
+    with part_lock(tmp_path, "preprocessing", Part()):  # every part released
+        with pytest.raises(SettingsError, match="preprocessing is already running"):
+            with part_lock(tmp_path, "preprocessing", Part(2, 2)):
+                pass

@@ -28,6 +28,7 @@ from autoseg.inference.predictor import Prediction, Predictor
 from autoseg.io.geometry import Geometry
 from autoseg.io.readers import SUPPORTED_ENDINGS, file_ending, read_images, read_label, write_label
 from autoseg.log import get_logger, progress
+from autoseg.runtime.parts import WHOLE, Part
 
 log = get_logger("inference")
 CHANNEL_PATTERN = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -94,9 +95,11 @@ def _check_channels(case: InputCase, num_channels: int) -> None:
 
 def predict_folder(
     predictor: Predictor, source: Path, output: Path, *, overwrite: bool = False, save_probabilities: bool = False,
-    output_ending: str | None = None, previous_stage: Path | None = None,
+    output_ending: str | None = None, previous_stage: Path | None = None, part: Part = WHOLE,
 ) -> PredictReport:
     """Predict every case of `source` into `output` as CASE<ending>; returns what was written, skipped, failed.
+
+    part: only this share of the cases (autoseg.runtime.parts), for N processes on one folder.
 
     previous_stage: for a cascade model, the folder of the previous stage's predictions (CASE<ending>); a
     case without one fails with a clear message, the others are still predicted.
@@ -104,7 +107,9 @@ def predict_folder(
     _check_previous_stage(predictor, previous_stage)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    cases = find_input_cases(Path(source), predictor.num_channels)
+    cases = part.select(find_input_cases(Path(source), predictor.num_channels))
+    if not part.whole:
+        log.info("part %s: %d case(s) of this folder", part, len(cases))
     info = PredictionInfo.from_predictor(predictor, probabilities=save_probabilities)
     if not overwrite:
         _check_same_model(output, info)

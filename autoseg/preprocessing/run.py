@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -13,9 +14,10 @@ from autoseg.errors import SettingsError
 from autoseg.io import read_images, read_label
 from autoseg.log import get_logger, progress
 from autoseg.planning.contract import Configuration, Plans
-from autoseg.preprocessing.cache import is_done, write_case
+from autoseg.preprocessing.cache import case_files, is_done, write_case
 from autoseg.preprocessing.case import case_properties, preprocess_arrays
-from autoseg.runtime.lock import folder_lock
+from autoseg.runtime.lock import part_lock
+from autoseg.runtime.parts import WHOLE, Part
 from autoseg.runtime.processes import process_pool
 from autoseg.serialization import to_jsonable
 
@@ -72,13 +74,16 @@ def process_case(job: CaseJob) -> str:
 
 def preprocess_dataset(
     dataset: Dataset, plans: Plans, configurations: list[str], *, out_root: Path, workers: int = 1,
-    overwrite: bool = False,
+    overwrite: bool = False, part: Part = WHOLE,
 ) -> dict[str, Path]:
-    """Preprocess every case for each configuration; returns configuration -> cache folder.
+    """Preprocess every case (or `part`'s share of them) for each configuration; returns configuration ->
+    cache folder.
 
     Finished cases (same files, same plan) are skipped unless `overwrite`; an interrupted run
-    resumes where it stopped. Peak memory is that of `workers` cases at a time.
+    resumes where it stopped. Peak memory is that of `workers` cases at a time. Parts of one split
+    (`--part I/N`) run side by side on the same cache.
     """
+    cases = part.select(sorted(dataset.cases, key=lambda case: case.case_id))
     folders: dict[str, Path] = {}
     prepared: set[str] = set()  # data ids already done in this call (the cascade shares 3d_fullres data)
     for name in configurations:
@@ -91,26 +96,33 @@ def preprocess_dataset(
         if config.data_id in prepared:
             continue
         prepared.add(config.data_id)
-        with folder_lock(folder, f"preprocessing into {folder.name}"):  # the leftover-cleaner must not race
-            _remove_leftovers(folder)
-            jobs = _pending_jobs(dataset, plans, config, folder, overwrite=overwrite)
-            log.info("%s: %d of %d cases to preprocess into %s", name, len(jobs), len(dataset.cases), folder)
+        with part_lock(folder, f"preprocessing into {folder.name}", part):  # the leftover-cleaner must not race
+            _remove_leftovers(folder, None if part.whole else [case.case_id for case in cases])
+            jobs = _pending_jobs(dataset, cases, plans, config, folder, overwrite=overwrite)
+            share = "" if part.whole else f" (part {part})"
+            log.info("%s: %d of %d cases%s to preprocess into %s", name, len(jobs), len(cases), share, folder)
             for _ in progress(_run(jobs, workers), total=len(jobs), description=f"preprocess {name}"):
                 pass
     return folders
 
 
-def _remove_leftovers(folder: Path) -> None:
-    """Delete temporary files a killed run left behind (a clean exit removes its own)."""
-    for leftover in folder.glob(".*.tmp"):
+def _remove_leftovers(folder: Path, case_ids: list[str] | None) -> None:
+    """Delete temporary files a killed run left behind (a clean exit removes its own): of every case, or
+    only of `case_ids` (a part must not delete the files other parts are writing)."""
+    if case_ids is None:
+        leftovers = list(folder.glob(".*.tmp"))
+    else:
+        leftovers = [tmp for case_id in case_ids for file in case_files(folder, case_id).values()
+                     for tmp in folder.glob(f".{glob.escape(file.name)}.*.tmp")]
+    for leftover in leftovers:
         leftover.unlink(missing_ok=True)
 
 
-def _pending_jobs(dataset: Dataset, plans: Plans, config: Configuration, folder: Path, *,
+def _pending_jobs(dataset: Dataset, cases: list[Case], plans: Plans, config: Configuration, folder: Path, *,
                   overwrite: bool) -> list[CaseJob]:
     classes = training_classes(dataset)
     jobs = []
-    for case in dataset.cases:
+    for case in cases:
         source = case_hash(case, plans, config)
         accepted = (source, case_hash(case, plans, config, legacy=True))
         if overwrite or not is_done(folder, case.case_id, accepted):
