@@ -134,3 +134,65 @@ def test_separable_weight_sums_equal_the_summed_weight_map(shape, step) -> None:
     axes = weight_sums(shape, patch, step, gaussian_axes(patch))
     separable = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
     np.testing.assert_allclose(separable, dense, rtol=1e-5)
+
+
+def _whole_volume_logits(networks, data: np.ndarray, settings: WindowSettings, num_classes: int) -> torch.Tensor:
+    """The sliding window as it was before slabs (one logit sum for the whole padded volume): the reference."""
+    from autoseg.inference.sliding import _mean_prediction
+
+    window = settings.patch if len(settings.patch) == data.ndim - 1 else (1,) + tuple(settings.patch)
+    padded, inner = pad_to_patch(data, window)
+    volume = torch.from_numpy(np.ascontiguousarray(padded))
+    axes = gaussian_axes(window)
+    weight = torch.from_numpy(gaussian_importance(window))
+    logits = torch.zeros((num_classes, *padded.shape[1:]))
+    boxes = tile_boxes(padded.shape[1:], window, settings.step)
+    with torch.inference_mode():
+        for first in range(0, len(boxes), settings.tiles_per_batch):
+            batch = boxes[first:first + settings.tiles_per_batch]
+            tiles = torch.stack([volume[(slice(None), *box)] for box in batch])
+            mean = _mean_prediction(networks, tiles, mirror_combinations(settings.mirror_axes),
+                                    squeeze=len(window) - len(settings.patch), device=torch.device("cpu"), amp=None)
+            for tile, box in zip(mean * weight, batch):
+                logits[(slice(None), *box)] += tile
+    for dim, total in enumerate(weight_sums(padded.shape[1:], window, settings.step, axes)):
+        view = [1] * logits.ndim
+        view[dim + 1] = -1
+        logits /= torch.from_numpy(total.astype(np.float32)).reshape(view)
+    return logits[(slice(None), *inner)]
+
+
+@settings(max_examples=12, deadline=None)
+@given(shape=st.tuples(st.integers(3, 26), st.integers(5, 20), st.integers(5, 20)),
+       step=st.sampled_from([0.3, 0.5, 1.0]), batch=st.integers(1, 5), two_d=st.booleans())
+def test_slabs_are_the_whole_volume_sum_bit_for_bit_and_each_row_comes_once(shape, step, batch, two_d) -> None:
+    from autoseg.inference.sliding import sliding_window_slabs
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1) if two_d else nn.Conv3d(2, 3, 3, padding=1)
+    data = np.random.default_rng(3).normal(size=(2, *shape)).astype(np.float32)
+    window = WindowSettings(patch=(7, 9) if two_d else (6, 7, 9), step=step, mirror_axes=(0,), tiles_per_batch=batch)
+    slabs = list(sliding_window_slabs([conv], data, window, num_classes=3, device=torch.device("cpu")))
+    assert [s.start for s in slabs] == [0] + [s.stop for s in slabs[:-1]] and slabs[-1].stop == shape[0]
+    together = torch.cat([s.logits for s in slabs], dim=1)
+    assert torch.equal(together, _whole_volume_logits([conv], data, window, 3))
+
+
+def test_the_open_rows_stay_about_one_patch_deep_however_long_the_volume() -> None:
+    from autoseg.inference import sliding
+
+    made = []
+    original = sliding._accumulator
+
+    def recording(num_classes, shape, device):
+        made.append(tuple(shape))
+        return original(num_classes, shape, device)
+
+    data = np.zeros((1, 200, 12, 12), np.float32)
+    try:
+        sliding._accumulator = recording
+        out = sliding_window_logits([Identity()], data, WindowSettings(patch=(16, 12, 12)), num_classes=1,
+                                    device=torch.device("cpu"))
+    finally:
+        sliding._accumulator = original
+    assert made == [(16, 12, 12)] and out.shape == (1, 200, 12, 12)

@@ -23,7 +23,8 @@ from autoseg.dataset.load import read_dataset_json
 from autoseg.errors import SettingsError
 from autoseg.inference.engines import CompileSpec, prepare_network
 from autoseg.inference.export import LabelSemantics, restore_prediction
-from autoseg.inference.sliding import WindowSettings, sliding_window_logits
+from autoseg.inference.sliding import WindowSettings, sliding_window_logits, sliding_window_slabs
+from autoseg.inference.streaming import StreamedLabels
 from autoseg.io.geometry import DUMMY_2D_SPACING, Geometry
 from autoseg.io.readers import read_images, read_label
 from autoseg.log import get_logger
@@ -136,10 +137,17 @@ class Predictor:
         previous: for a cascade stage, the previous stage's label map (z, y, x) on the same grid as `data`.
         """
         data = self._with_previous(data, previous)
+        labels = StreamedLabels(data.shape[1:], properties, plans=self.plans, config=self.config,
+                                semantics=self.semantics, num_classes=self.plans.num_classes)
+        if not with_probabilities and labels.exact:  # decided slab by slab while the window slides
+            for slab in sliding_window_slabs(self.networks, data, self.window, num_classes=self.plans.num_classes,
+                                             device=self.device, amp=self.amp):
+                labels.add(slab.start, slab.logits.numpy())
+            return Prediction(labels=labels.finish(), geometry=properties.geometry)
         logits = self.predict_logits(data)
-        labels, probabilities = restore_prediction(logits, properties, plans=self.plans, config=self.config,
-                                                   semantics=self.semantics, with_probabilities=with_probabilities)
-        return Prediction(labels=labels, geometry=properties.geometry, probabilities=probabilities)
+        restored, probabilities = restore_prediction(logits, properties, plans=self.plans, config=self.config,
+                                                     semantics=self.semantics, with_probabilities=True)
+        return Prediction(labels=restored, geometry=properties.geometry, probabilities=probabilities)
 
     def predict(self, images: np.ndarray, *, geometry: Geometry | None = None,
                 spacing: Sequence[float] | None = None, previous: np.ndarray | None = None,

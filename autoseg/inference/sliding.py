@@ -9,7 +9,7 @@ to CPU memory for huge volumes instead of failing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,31 +47,104 @@ def sliding_window_logits(
     device: torch.device, amp: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Mean logits (num_classes, *data.shape[1:]) float32 on the CPU for a volume (c, *spatial)."""
+    logits = torch.empty((num_classes, *data.shape[1:]), dtype=torch.float32)
+    for slab in sliding_window_slabs(networks, data, settings, num_classes=num_classes, device=device, amp=amp):
+        logits[:, slab.start:slab.stop] = slab.logits
+    return logits
+
+
+@dataclass(frozen=True)
+class Slab:
+    """Finished mean logits (num_classes, stop - start, *rest) of rows start..stop-1 of the volume's first
+    spatial axis, float32 on the CPU."""
+
+    start: int
+    stop: int
+    logits: torch.Tensor
+
+
+def sliding_window_slabs(
+    networks: Sequence[nn.Module], data: np.ndarray, settings: WindowSettings, *, num_classes: int,
+    device: torch.device, amp: torch.dtype | None = None,
+) -> Iterator[Slab]:
+    """The sliding window's mean logits of a volume (c, *spatial), slab by slab along the first axis.
+
+    Tiles run in C order, so once every tile starting at or before a row is added, no later tile
+    touches that row: it is divided by its weight sum and handed out. The logit sum is kept only for
+    the rows still open, in a ring of about one patch of rows (plus the rows one batch of tiles spans),
+    so the memory of the sum does not grow with the volume's first axis. Every voxel gets the same
+    arithmetic as a whole-volume sum, in the same order: the slabs, put together, are the same bits.
+    """
     window = settings.patch if len(settings.patch) == data.ndim - 1 else (1,) * (data.ndim - 1 - len(
         settings.patch)) + tuple(settings.patch)
     padded, inner = pad_to_patch(np.asarray(data, dtype=np.float32), window)
-    volume = torch.from_numpy(np.ascontiguousarray(padded))
-    volume = _to_device_if_it_fits(volume, device)
+    volume = _to_device_if_it_fits(torch.from_numpy(np.ascontiguousarray(padded)), device)
     axes = gaussian_axes(window) if settings.gaussian else [np.ones(int(p)) for p in window]
     weight = torch.from_numpy(gaussian_importance(window) if settings.gaussian else np.ones(window, np.float32))
-    logits = _accumulator(num_classes, padded.shape[1:], device)
-    weight = weight.to(logits.device)
-    flips = mirror_combinations(settings.mirror_axes)
+    sums = [torch.from_numpy(total.astype(np.float32))
+            for total in weight_sums(padded.shape[1:], window, settings.step, axes)]
     boxes = tile_boxes(padded.shape[1:], window, settings.step)
+    batches = [boxes[first:first + settings.tiles_per_batch] for first in range(0, len(boxes),
+                                                                                settings.tiles_per_batch)]
+    ring = _Ring(num_classes, padded.shape[1:], rows=int(window[0]) + max(
+        batch[-1][0].start - batch[0][0].start for batch in batches), device=device)
+    weight = weight.to(ring.device)
+    flips = mirror_combinations(settings.mirror_axes)
     squeeze = len(window) - len(settings.patch)
     with torch.inference_mode():
-        for first in range(0, len(boxes), settings.tiles_per_batch):
-            batch_boxes = boxes[first:first + settings.tiles_per_batch]
+        for batch_boxes in batches:
+            yield from ring.finish_rows_before(batch_boxes[0][0].start, sums, inner)
             tiles = torch.stack([volume[(slice(None), *box)] for box in batch_boxes]).to(device, non_blocking=True)
             mean = _mean_prediction(networks, tiles, flips, squeeze=squeeze, device=device, amp=amp)
-            mean = mean.to(logits.device) * weight
+            mean = mean.to(ring.device) * weight
             for tile, box in zip(mean, batch_boxes):
-                logits[(slice(None), *box)] += tile
-    for dim, total in enumerate(weight_sums(padded.shape[1:], window, settings.step, axes)):
-        view = [1] * logits.ndim
-        view[dim + 1] = -1
-        logits /= torch.from_numpy(total.astype(np.float32)).to(logits.device).reshape(view)
-    return logits[(slice(None), *inner)].cpu()
+                ring.add(tile, box)
+        yield from ring.finish_rows_before(padded.shape[1], sums, inner)
+
+
+class _Ring:
+    """The weighted logit sum of the open rows (first spatial axis): global row g lives at g % rows."""
+
+    def __init__(self, num_classes: int, shape: Sequence[int], *, rows: int, device: torch.device) -> None:
+        self.shape0 = int(shape[0])
+        self.rows = min(rows, self.shape0)
+        self.sum = _accumulator(num_classes, (self.rows, *shape[1:]), device)
+        self.device = self.sum.device
+        self.first_open = 0  # rows before it are finished and handed out
+
+    def _pieces(self, start: int, stop: int) -> list[tuple[slice, slice]]:
+        """(ring rows, local rows) of global rows start..stop-1: one piece, or two where the ring wraps."""
+        offset, length = start % self.rows, stop - start
+        head = min(length, self.rows - offset)
+        pieces = [(slice(offset, offset + head), slice(0, head))]
+        if head < length:
+            pieces.append((slice(0, length - head), slice(head, length)))
+        return pieces
+
+    def add(self, tile: torch.Tensor, box: tuple[slice, ...]) -> None:
+        for ring_rows, local in self._pieces(box[0].start, box[0].stop):
+            self.sum[(slice(None), ring_rows, *box[1:])] += tile[:, local]
+
+    def finish_rows_before(self, row: int, sums: list[torch.Tensor], inner: tuple[slice, ...]) -> Iterator[Slab]:
+        """Hand out rows first_open..row-1 (of those inside the unpadded volume) and clear them."""
+        start, stop = self.first_open, row
+        self.first_open = max(row, self.first_open)
+        if stop <= start:
+            return
+        pieces = self._pieces(start, stop)
+        block = torch.cat([self.sum[:, ring_rows] for ring_rows, _ in pieces], dim=1)
+        for ring_rows, _ in pieces:
+            self.sum[:, ring_rows] = 0
+        for dim, total in enumerate(sums):
+            view = [1] * block.ndim
+            view[dim + 1] = -1
+            part = total[start:stop] if dim == 0 else total
+            block /= part.to(block.device).reshape(view)
+        first, end, _ = inner[0].indices(self.shape0)
+        low, high = max(start, first), min(stop, end)
+        if low < high:
+            rows = slice(low - start, high - start)
+            yield Slab(low - first, high - first, block[(slice(None), rows, *inner[1:])].cpu())
 
 
 def _mean_prediction(networks: Sequence[nn.Module], tiles: torch.Tensor, flips: list[tuple[int, ...]], *,

@@ -15,7 +15,8 @@ from autoseg.preprocessing.crop import uncrop
 from autoseg.preprocessing.resample import resample_label, resample_probabilities, separate_axis
 
 
-def _axis(properties: CaseProperties, config: Configuration) -> int | None:
+def resampling_axis(properties: CaseProperties, config: Configuration) -> int | None:
+    """The axis resampled separately (anisotropic spacing), or None: as preprocessing decided it."""
     return separate_axis(properties.spacing, properties.spacing_before_resample,
                          threshold=config.resampling.anisotropy_threshold)
 
@@ -30,7 +31,7 @@ def restore_label(
 ) -> np.ndarray:
     """A (z, y, x) label map on the preprocessed grid -> the original image's grid (uint8/int16)."""
     resampled = resample_label(seg, properties.shape_after_crop, order=config.resampling.order_label,
-                               order_z=config.resampling.order_z, separate_axis=_axis(properties, config))
+                               order_z=config.resampling.order_z, separate_axis=resampling_axis(properties, config))
     resampled = np.where(resampled < 0, 0, resampled)
     full = uncrop(resampled, properties.crop_box, properties.shape_before_crop, fill=0)
     return _untranspose(full, plans, leading=0)
@@ -43,7 +44,7 @@ def restore_probabilities(
     resampled = resample_probabilities(
         probabilities.astype(np.float32, copy=False), properties.shape_after_crop,
         order=config.resampling.order_probabilities, order_z=config.resampling.order_z,
-        separate_axis=_axis(properties, config))
+        separate_axis=resampling_axis(properties, config))
     full = uncrop(resampled, properties.crop_box, properties.shape_before_crop, fill=0.0)
     outside = np.ones(properties.shape_before_crop, dtype=bool)
     outside[tuple(slice(a, b) for a, b in properties.crop_box)] = False
@@ -59,7 +60,7 @@ def resample_to_crop(channel: np.ndarray, properties: CaseProperties, *, config:
     return resample_probabilities(
         channel[None].astype(np.float32, copy=False), properties.shape_after_crop,
         order=config.resampling.order_probabilities, order_z=config.resampling.order_z,
-        separate_axis=_axis(properties, config))[0]
+        separate_axis=resampling_axis(properties, config))[0]
 
 
 def place_in_original(array: np.ndarray, properties: CaseProperties, *, plans: Plans, fill: float = 0,
