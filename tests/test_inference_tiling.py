@@ -196,3 +196,41 @@ def test_the_open_rows_stay_about_one_patch_deep_however_long_the_volume() -> No
     finally:
         sliding._accumulator = original
     assert made == [(16, 12, 12)] and out.shape == (1, 200, 12, 12)
+
+
+@pytest.mark.parametrize("two_networks", [False, True])
+def test_blending_features_before_a_linear_head_equals_blending_logits(two_networks: bool) -> None:
+    """Issue 18: with more classes than features, the window blends the U-Net's last features and applies
+    the 1x1 head per finished row: the same logits up to rounding, open rows that do not grow with classes."""
+    import dataclasses
+
+    from autoseg.inference import sliding
+    from autoseg.inference.heads import BlendedOutputs
+    from autoseg.model.build import build_network
+    from autoseg.model.contract import Topology
+
+    topology = Topology(dim=3, features_per_stage=(4, 8), kernel_sizes=((3, 3, 3),) * 2,
+                        strides=((1, 1, 1), (2, 2, 2)), convs_per_stage=(1, 1), convs_per_decoder_stage=(1,))
+    networks = []
+    for seed in range(2 if two_networks else 1):
+        torch.manual_seed(seed)
+        network = build_network(dataclasses.replace(topology, deep_supervision=False), in_channels=1,
+                                num_classes=20).eval()
+        networks.append(network)
+    outputs = BlendedOutputs(networks, 20)
+    assert outputs.per_network and outputs.channels == 4 * len(networks)
+    assert not BlendedOutputs(networks, 3).per_network  # fewer classes than features: logits, as before
+    data = np.random.default_rng(5).normal(size=(1, 19, 14, 11)).astype(np.float32)
+    window = WindowSettings(patch=(8, 8, 8), mirror_axes=(0, 2), tiles_per_batch=2)
+    made = []
+    original = sliding._accumulator
+    try:
+        sliding._accumulator = lambda channels, shape, device: made.append(channels) or original(channels, shape,
+                                                                                                  device)
+        blended = sliding_window_logits(networks, data, window, num_classes=20, device=torch.device("cpu"))
+    finally:
+        sliding._accumulator = original
+    reference = _whole_volume_logits(networks, data, window, 20)
+    assert made == [4 * len(networks)] and not any(network.features_only for network in networks)
+    torch.testing.assert_close(blended, reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(blended.argmax(0), reference.argmax(0))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoseg.inference.heads import BlendedOutputs
 from autoseg.inference.tiling import (
     gaussian_axes,
     gaussian_importance,
@@ -28,6 +29,8 @@ from autoseg.log import get_logger
 from autoseg.runtime.device import autocast
 
 log = get_logger("inference")
+#: Logits handed out per slab at most (bytes, float32): bounds the copies of finished rows.
+SLAB_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -86,16 +89,18 @@ def sliding_window_slabs(
     boxes = tile_boxes(padded.shape[1:], window, settings.step)
     batches = [boxes[first:first + settings.tiles_per_batch] for first in range(0, len(boxes),
                                                                                 settings.tiles_per_batch)]
-    ring = _Ring(num_classes, padded.shape[1:], rows=int(window[0]) + max(
+    outputs = BlendedOutputs(networks, num_classes)
+    ring = _Ring(outputs, padded.shape[1:], rows=int(window[0]) + max(
         batch[-1][0].start - batch[0][0].start for batch in batches), device=device)
     weight = weight.to(ring.device)
     flips = mirror_combinations(settings.mirror_axes)
     squeeze = len(window) - len(settings.patch)
-    with torch.inference_mode():
+    with torch.inference_mode(), outputs.features_mode():
         for batch_boxes in batches:
             yield from ring.finish_rows_before(batch_boxes[0][0].start, sums, inner)
             tiles = torch.stack([volume[(slice(None), *box)] for box in batch_boxes]).to(device, non_blocking=True)
-            mean = _mean_prediction(networks, tiles, flips, squeeze=squeeze, device=device, amp=amp)
+            mean = _mean_prediction(networks, tiles, flips, squeeze=squeeze, device=device, amp=amp,
+                                    per_network=outputs.per_network)
             mean = mean.to(ring.device) * weight
             for tile, box in zip(mean, batch_boxes):
                 ring.add(tile, box)
@@ -103,12 +108,16 @@ def sliding_window_slabs(
 
 
 class _Ring:
-    """The weighted logit sum of the open rows (first spatial axis): global row g lives at g % rows."""
+    """The weighted sum of the open rows (first spatial axis): global row g lives at g % rows. It holds the
+    blended channels (logits, or features: autoseg.inference.heads) and hands out logits."""
 
-    def __init__(self, num_classes: int, shape: Sequence[int], *, rows: int, device: torch.device) -> None:
+    def __init__(self, outputs: BlendedOutputs, shape: Sequence[int], *, rows: int, device: torch.device) -> None:
+        self.outputs = outputs
         self.shape0 = int(shape[0])
         self.rows = min(rows, self.shape0)
-        self.sum = _accumulator(num_classes, (self.rows, *shape[1:]), device)
+        self.sum = _accumulator(outputs.channels, (self.rows, *shape[1:]), device)
+        plane = int(np.prod([int(n) for n in shape[1:]]))
+        self.rows_per_slab = max(1, SLAB_BYTES // (4 * max(outputs.num_classes, outputs.channels) * plane))
         self.device = self.sum.device
         self.first_open = 0  # rows before it are finished and handed out
 
@@ -126,11 +135,13 @@ class _Ring:
             self.sum[(slice(None), ring_rows, *box[1:])] += tile[:, local]
 
     def finish_rows_before(self, row: int, sums: list[torch.Tensor], inner: tuple[slice, ...]) -> Iterator[Slab]:
-        """Hand out rows first_open..row-1 (of those inside the unpadded volume) and clear them."""
-        start, stop = self.first_open, row
+        """Hand out rows first_open..row-1 (of those inside the unpadded volume) and clear them, a few
+        rows per slab (SLAB_BYTES of logits at most, one row at least)."""
+        for start in range(self.first_open, row, self.rows_per_slab):
+            yield from self._finish(start, min(start + self.rows_per_slab, row), sums, inner)
         self.first_open = max(row, self.first_open)
-        if stop <= start:
-            return
+
+    def _finish(self, start: int, stop: int, sums: list[torch.Tensor], inner: tuple[slice, ...]) -> Iterator[Slab]:
         pieces = self._pieces(start, stop)
         block = torch.cat([self.sum[:, ring_rows] for ring_rows, _ in pieces], dim=1)
         for ring_rows, _ in pieces:
@@ -144,16 +155,22 @@ class _Ring:
         low, high = max(start, first), min(stop, end)
         if low < high:
             rows = slice(low - start, high - start)
-            yield Slab(low - first, high - first, block[(slice(None), rows, *inner[1:])].cpu())
+            logits = self.outputs.to_logits(block[(slice(None), rows, *inner[1:])])
+            yield Slab(low - first, high - first, logits.cpu())
 
 
 def _mean_prediction(networks: Sequence[nn.Module], tiles: torch.Tensor, flips: list[tuple[int, ...]], *,
-                     squeeze: int, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
-    """Mean float32 logits of every network on every mirrored copy of a batch (b, c, *window)."""
+                     squeeze: int, device: torch.device, amp: torch.dtype | None, per_network: bool = False
+                     ) -> torch.Tensor:
+    """Mean float32 outputs of every network on every mirrored copy of a batch (b, c, *window); with
+    `per_network`, each network's mean over the mirrors, concatenated along the channels."""
     spatial_from = 2 + squeeze
     inputs = tiles.reshape(*tiles.shape[:2], *tiles.shape[spatial_from:]) if squeeze else tiles
-    total = None
+    total, means = None, []
     for network in networks:
+        if per_network and total is not None:
+            means.append(total / len(flips))
+            total = None
         for flip in flips:
             dims = [2 + axis for axis in flip]
             x = torch.flip(inputs, dims) if dims else inputs
@@ -163,7 +180,10 @@ def _mean_prediction(networks: Sequence[nn.Module], tiles: torch.Tensor, flips: 
             out = torch.flip(out, dims) if dims else out
             total = out if total is None else total.add_(out)
     assert total is not None
-    total /= len(networks) * len(flips)
+    if per_network:
+        total = torch.cat([*means, total / len(flips)], dim=1)
+    else:
+        total /= len(networks) * len(flips)
     if squeeze:
         total = total.reshape(*total.shape[:2], *tiles.shape[2:spatial_from], *total.shape[2:])
     return total

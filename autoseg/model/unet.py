@@ -217,10 +217,20 @@ class UNet(nn.Module):
         )
         init_weights(self)
 
+    #: Set by prediction (autoseg.inference.sliding): with deep supervision off, forward returns the
+    #: full-resolution features that `linear_output_head` would turn into logits. The head is a 1x1 conv, so
+    #: blending tiles commutes with it: a window can blend these (fewer channels than 100 classes) instead.
+    features_only = False
+
     @property
     def output_heads(self) -> list[nn.Module]:
         """The 1x1 segmentation heads, highest resolution first (what an output init adjusts)."""
         return [level.head for level in self.decoder]
+
+    @property
+    def linear_output_head(self) -> nn.Module:
+        """The 1x1 conv whose output is forward's output when deep supervision is off."""
+        return self.decoder[0].head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input(x, dim=self.topology.dim, in_channels=self.in_channels, stride=self.topology.total_stride)
@@ -230,6 +240,8 @@ class UNet(nn.Module):
         for level in range(len(self.decoder) - 1, -1, -1):
             block = self.decoder[level]
             features = block(features, skips[level])
+            if level == 0 and self.features_only and not self.deep_supervision:
+                return features
             if self.deep_supervision or level == 0:
                 outputs.append(block.head(features))
         if not self.deep_supervision:
