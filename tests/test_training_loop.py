@@ -180,6 +180,39 @@ def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path: Path) -> None
     assert "2 process(es)" in (folder / "training.log").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_nodes_on_one_machine_meet_at_a_c10d_rendezvous_and_stay_identical(tmp_path: Path) -> None:
+    """Issue 18: what slurm_multinode.sbatch does, with two torchrun agents on localhost (gloo, one process
+    each): the run must see 2 processes, finish, and pass the trainer's end-of-run replica check (the ranks'
+    weights compared by checksum; a mismatch raises)."""
+    import socket
+
+    from autoseg.dataset.synthetic import make_example_dataset
+
+    make_example_dataset(tmp_path / "raw" / "Dataset961_Nodes", n_cases=5, size=24, seed=2)
+    env = dict(os.environ, AUTOSEG_RAW=str(tmp_path / "raw"), AUTOSEG_PREPROCESSED=str(tmp_path / "pre"),
+               AUTOSEG_RESULTS=str(tmp_path / "res"), OMP_NUM_THREADS="1")
+    cli = [sys.executable, "-m", "autoseg"]
+    for command in (["plan", "961", "-j", "1"], ["preprocess", "961", "-j", "1"]):
+        subprocess.run([*cli, *command], env=env, check=True, capture_output=True)
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "autoseg-test",
+         *(["--rdzv_conf", "is_host=true"] if rank == 0 else ["--rdzv_conf", "is_host=false"]),
+         "-m", "autoseg", "train", "961", "3d_fullres", "0", "--epochs", "1", "--iterations-per-epoch", "2",
+         "--val-iterations", "1", "-j", "0", "--device", "cpu", "--no-validate"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    results = [agent.communicate(timeout=600) for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(err[-2000:] for _, err in results)
+    folder = tmp_path / "res" / "Dataset961_Nodes" / "3d_fullres__autoseg" / "fold_0"
+    assert (folder / "checkpoint_final.pt").is_file()
+    assert "2 process(es)" in (folder / "training.log").read_text()
+
+
 def test_allocator_tuning_is_safe_to_call() -> None:
     import platform
 
