@@ -107,3 +107,43 @@ def test_the_predictor_streams_and_agrees_with_the_probability_path(predictor: P
     full = predictor.predict(images, geometry=geometry, with_probabilities=True)
     assert streamed.probabilities is None and streamed.labels.shape == images.shape[1:]
     assert (streamed.labels == full.labels).mean() > 0.9999
+
+
+@settings(max_examples=6, deadline=None)
+@given(spacing=st.tuples(*[st.sampled_from([0.7, 1.0, 4.0])] * 3), regions=st.booleans())
+def test_streamed_probability_file_equals_the_in_memory_probabilities(predictor: Predictor, scan, tmp_path_factory,
+                                                                       spacing, regions) -> None:
+    from autoseg.inference.probability_file import ProbabilityFile
+
+    images, geometry = scan
+    properties, grid = _properties(predictor, images, dataclasses.replace(geometry, file_spacing=spacing))
+    logits = np.random.default_rng(7).normal(size=(4, *grid)).astype(np.float32)
+    semantics = LabelSemantics((1, 2, 3, 4)) if regions else LabelSemantics()
+    labels_ref, reference = restore_prediction(logits, properties, plans=predictor.plans, config=predictor.config,
+                                               semantics=semantics, with_probabilities=True)
+    target = tmp_path_factory.mktemp("npz") / "case.npz"
+    sink = ProbabilityFile(target, properties, plans=predictor.plans, classes=4, background_outside=not regions)
+    streamed = StreamedLabels(grid, properties, plans=predictor.plans, config=predictor.config, semantics=semantics,
+                              num_classes=4, probabilities=sink)
+    for start in range(0, grid[0], 3):
+        streamed.add(start, logits[:, start:start + 3])
+    labels = streamed.finish()
+    with np.load(target) as stored:
+        written = stored["probabilities"]
+    assert written.dtype == np.float16 and written.shape == reference.shape
+    np.testing.assert_allclose(written.astype(np.float32), reference, atol=1e-3)
+    assert (labels == labels_ref).mean() > 0.999  # decisions on logits vs on probabilities: exact ties aside
+    assert sorted(p.name for p in target.parent.iterdir()) == ["case.npz"]  # no scratch file left
+
+
+def test_folder_prediction_streams_probabilities_into_the_npz(predictor: Predictor, example_dataset: Path,
+                                                              tmp_path: Path) -> None:
+    from autoseg.inference import predict_folder
+
+    predict_folder(predictor, example_dataset / "imagesTs", tmp_path, save_probabilities=True)
+    images, geometry = read_images([example_dataset / "imagesTs" / "test_000_0000.nii.gz"])
+    in_memory = predictor.predict(images, geometry=geometry, with_probabilities=True)
+    with np.load(tmp_path / "test_000.npz") as stored:
+        written = stored["probabilities"].astype(np.float32)
+    np.testing.assert_allclose(written, in_memory.probabilities, atol=1e-3)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

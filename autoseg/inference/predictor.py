@@ -23,6 +23,7 @@ from autoseg.dataset.load import read_dataset_json
 from autoseg.errors import SettingsError
 from autoseg.inference.engines import CompileSpec, prepare_network
 from autoseg.inference.export import LabelSemantics, restore_prediction
+from autoseg.inference.probability_file import ProbabilityFile, save_probabilities_file
 from autoseg.inference.sliding import WindowSettings, sliding_window_logits, sliding_window_slabs
 from autoseg.inference.streaming import StreamedLabels
 from autoseg.io.geometry import DUMMY_2D_SPACING, Geometry
@@ -131,30 +132,48 @@ class Predictor:
         return logits.numpy()
 
     def predict_preprocessed(self, data: np.ndarray, properties: CaseProperties, *,
-                             previous: np.ndarray | None = None, with_probabilities: bool = False) -> Prediction:
+                             previous: np.ndarray | None = None, with_probabilities: bool = False,
+                             probabilities_file: Path | None = None) -> Prediction:
         """A case already on the network's grid (e.g. from the training cache) -> its original grid.
 
         previous: for a cascade stage, the previous stage's label map (z, y, x) on the same grid as `data`.
+        with_probabilities: also return the class probabilities (held in memory for the whole volume);
+        probabilities_file: write them to this CASE.npz instead, a few rows at a time.
         """
         data = self._with_previous(data, previous)
+        sink = None
+        if probabilities_file is not None and not with_probabilities:
+            sink = ProbabilityFile(probabilities_file, properties, plans=self.plans, classes=self.plans.num_classes,
+                                   background_outside=not self.semantics.is_regions)
         labels = StreamedLabels(data.shape[1:], properties, plans=self.plans, config=self.config,
-                                semantics=self.semantics, num_classes=self.plans.num_classes)
+                                semantics=self.semantics, num_classes=self.plans.num_classes, probabilities=sink)
         if not with_probabilities and labels.exact:  # decided slab by slab while the window slides
-            for slab in sliding_window_slabs(self.networks, data, self.window, num_classes=self.plans.num_classes,
-                                             device=self.device, amp=self.amp):
-                labels.add(slab.start, slab.logits.numpy())
-            return Prediction(labels=labels.finish(), geometry=properties.geometry)
+            try:
+                for slab in sliding_window_slabs(self.networks, data, self.window, num_classes=self.plans.num_classes,
+                                                 device=self.device, amp=self.amp):
+                    labels.add(slab.start, slab.logits.numpy())
+                return Prediction(labels=labels.finish(), geometry=properties.geometry)
+            finally:
+                if sink is not None:
+                    sink.close()
+        if sink is not None:
+            sink.close()
         logits = self.predict_logits(data)
+        want = with_probabilities or probabilities_file is not None
         restored, probabilities = restore_prediction(logits, properties, plans=self.plans, config=self.config,
-                                                     semantics=self.semantics, with_probabilities=True)
+                                                     semantics=self.semantics, with_probabilities=want)
+        if probabilities_file is not None and not with_probabilities:
+            save_probabilities_file(probabilities_file, probabilities)
+            probabilities = None
         return Prediction(labels=restored, geometry=properties.geometry, probabilities=probabilities)
 
     def predict(self, images: np.ndarray, *, geometry: Geometry | None = None,
                 spacing: Sequence[float] | None = None, previous: np.ndarray | None = None,
-                with_probabilities: bool = False) -> Prediction:
+                with_probabilities: bool = False, probabilities_file: Path | None = None) -> Prediction:
         """Segment one scan: images (c, z, y, x) as read, with its geometry or just its spacing (z, y, x).
 
         previous: for a cascade stage, the previous stage's label map of this scan (z, y, x), as read.
+        with_probabilities / probabilities_file: see predict_preprocessed.
         """
         images = np.asarray(images, dtype=np.float32)
         if images.ndim == 3:
@@ -171,7 +190,7 @@ class Predictor:
         if self.previous is not None and previous is not None:
             previous = to_preprocessed_grid(previous, properties, plans=self.plans, config=self.config)
         return self.predict_preprocessed(prepared.data, properties, previous=previous,
-                                         with_probabilities=with_probabilities)
+                                         with_probabilities=with_probabilities, probabilities_file=probabilities_file)
 
     def _check_previous(self, previous: np.ndarray | None) -> None:
         """A previous-stage segmentation is given exactly when the model is a cascade stage."""

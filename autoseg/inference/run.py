@@ -25,6 +25,7 @@ from autoseg.inference.info import (
     write_prediction_info,
 )
 from autoseg.inference.predictor import Prediction, Predictor
+from autoseg.inference.probability_file import save_probabilities_file
 from autoseg.io.geometry import Geometry
 from autoseg.io.readers import SUPPORTED_ENDINGS, file_ending, read_images, read_label, write_label
 from autoseg.log import get_logger, progress
@@ -132,7 +133,8 @@ def predict_folder(
             try:
                 images, geometry, previous = loaded.result()
                 prediction = predictor.predict(images, geometry=geometry, previous=previous,
-                                               with_probabilities=save_probabilities)
+                                               probabilities_file=probabilities_file(target) if save_probabilities
+                                               else None)
             except AutosegError as err:
                 _fail(report, case.case_id, err)
                 continue
@@ -222,17 +224,6 @@ def write_prediction(prediction: Prediction, target: Path, save_probabilities: b
     if save_probabilities and prediction.probabilities is not None:
         save_probabilities_file(probabilities_file(target), prediction.probabilities)
     write_label(prediction.labels, prediction.geometry, target)
-
-
-def save_probabilities_file(path: Path, probabilities: np.ndarray) -> None:
-    """Class probabilities (c, z, y, x) in the input's array order, float16, compressed, written atomically."""
-    from autoseg.serialization import atomic_write
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, probabilities=probabilities.astype(np.float16))
-
-    atomic_write(path, write)
 
 
 def _drain(pending: list[tuple[str, Future[None]]], report: PredictReport, *, keep: int

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from autoseg.inference.export import LabelSemantics
+from autoseg.inference.export import LabelSemantics, logits_to_probabilities
+from autoseg.inference.probability_file import ProbabilityFile
 from autoseg.planning.contract import Configuration, Plans
 from autoseg.preprocessing.contract import CaseProperties
 from autoseg.preprocessing.inverse import place_in_original, resampling_axis
@@ -24,6 +25,8 @@ from autoseg.preprocessing.resample_rows import RowResampler
 
 #: Output rows decided per step: bounds the per-class temporaries (rows x the input's plane, float32).
 OUTPUT_ROWS_PER_STEP = 8
+#: With probabilities, every class of a step's rows is held at once: at most this many bytes (one row at least).
+ALL_CLASSES_BYTES = 128 * 2**20
 
 
 class StreamedLabels:
@@ -31,8 +34,13 @@ class StreamedLabels:
     label map (z, y, x) on the input's grid, as `restore_prediction(..., with_probabilities=False)`."""
 
     def __init__(self, grid_shape: Sequence[int], properties: CaseProperties, *, plans: Plans,
-                 config: Configuration, semantics: LabelSemantics, num_classes: int) -> None:
+                 config: Configuration, semantics: LabelSemantics, num_classes: int,
+                 probabilities: ProbabilityFile | None = None) -> None:
         self.properties, self.plans, self.semantics = properties, plans, semantics
+        self.probabilities = probabilities  # also written, row block by row block, when given
+        plane = int(np.prod(properties.shape_after_crop[1:]))
+        self.rows_per_step = OUTPUT_ROWS_PER_STEP if probabilities is None else \
+            max(1, min(OUTPUT_ROWS_PER_STEP, ALL_CLASSES_BYTES // (4 * num_classes * plane)))
         resampling = config.resampling
         self.resampler = RowResampler(grid_shape, properties.shape_after_crop, order=resampling.order_probabilities,
                                       order_z=resampling.order_z, separate_axis=resampling_axis(properties, config))
@@ -52,15 +60,18 @@ class StreamedLabels:
         self._decide_ready_rows()
 
     def finish(self) -> np.ndarray:
-        """The label map (z, y, x) in the input file's array order; every slab must have been added."""
+        """The label map (z, y, x) in the input file's array order; every slab must have been added.
+        The probability file, if any, is completed too."""
         if self.done < self.labels.shape[0]:
             raise ValueError(f"only {self.received} of {self.resampler.shape[0]} rows of logits arrived")
+        if self.probabilities is not None:
+            self.probabilities.finish()
         return place_in_original(self.labels, self.properties, plans=self.plans)
 
     def _decide_ready_rows(self) -> None:
         ready = self.resampler.rows_ready(self.received)
         while self.done < ready:
-            stop = min(self.done + OUTPUT_ROWS_PER_STEP, ready)
+            stop = min(self.done + self.rows_per_step, ready)
             low, high = self.resampler.rows_needed(self.done, stop)
             block = self._rows(low, high)
             self.labels[self.done:stop] = self._decide(block, low, self.done, stop)
@@ -85,16 +96,33 @@ class StreamedLabels:
     def _decide(self, block: np.ndarray, low: int, start: int, stop: int) -> np.ndarray:
         """Labels of output rows start..stop-1, class by class (running argmax, or regions in order)."""
         resample = self.resampler.resample
+        if self.probabilities is not None:
+            return self._decide_with_probabilities(block, low, start, stop)
         if self.semantics.is_regions:
             assert self.semantics.region_values is not None
             out = np.zeros((stop - start, *self.labels.shape[1:]), dtype=self.labels.dtype)
             for channel, value in zip(block, self.semantics.region_values):
                 out[resample(channel, low, start, stop) > 0] = value
             return out
-        best = resample(block[0], low, start, stop)
+        best = resample(block[0], low, start, stop)  # ties go to the lower class, as argmax
         labels = np.zeros(best.shape, dtype=self.labels.dtype)
         for index in range(1, block.shape[0]):
             candidate = resample(block[index], low, start, stop)
             labels[candidate > best] = index
             np.maximum(best, candidate, out=best)
+        return labels
+
+    def _decide_with_probabilities(self, block: np.ndarray, low: int, start: int, stop: int) -> np.ndarray:
+        """As _decide, with every class of the rows at once, so their probabilities can be written."""
+        assert self.probabilities is not None
+        logits = np.stack([self.resampler.resample(channel, low, start, stop) for channel in block])
+        probabilities = logits_to_probabilities(logits, self.semantics)
+        if self.semantics.is_regions:  # as _decide: logit > 0, regions in order
+            assert self.semantics.region_values is not None
+            labels = np.zeros(logits.shape[1:], dtype=self.labels.dtype)
+            for channel, value in zip(logits, self.semantics.region_values):
+                labels[channel > 0] = value
+        else:
+            labels = logits.argmax(axis=0).astype(self.labels.dtype)
+        self.probabilities.write_rows(start, probabilities)
         return labels
