@@ -8,12 +8,17 @@ process (no TTA, fp32, CPU, --threads). Reported per run: wall seconds of the co
 model load, reading, preprocessing, sliding window, export, writing), microseconds per voxel, peak RSS
 of the process (GiB) and how many voxels got each label.
 
+`parts` predicts a folder of --cases such volumes once with one process (--threads threads) and once
+with --parts processes started together, `--part i/N` each, --threads / N threads each (at least 1),
+and reports both wall times (issue 18: N processes on one machine against one).
+
 --source DIR runs the predictor of another checkout (e.g. a git worktree of the commit before the
 streamed export) on the same files, for "time per voxel within 10 % of today's predictor". Each run
 appends one JSON line to --out (a rerun skips what is there); `table` prints the Markdown table.
 
     python benchmarks/bench_scale.py run --shape 1000 512 512 --classes 105 --width-divisor 4
     python benchmarks/bench_scale.py run --shape 200 512 512 --classes 3 --source /tmp/old-src
+    python benchmarks/bench_scale.py parts --shape 64 256 256 --classes 3 --cases 8 --parts 4
     python benchmarks/bench_scale.py table
 """
 
@@ -137,6 +142,43 @@ def run(args: argparse.Namespace) -> None:
         handle.write(json.dumps(result) + "\n")
 
 
+def run_parts(args: argparse.Namespace) -> None:
+    """One process against --parts processes on the same folder of --cases volumes."""
+    shape, spacing = tuple(args.shape), tuple(args.spacing)
+    tag = f"{'x'.join(map(str, shape))}_{args.cases}"
+    key = {"task": "parts", "shape": list(shape), "classes": args.classes, "cases": args.cases, "parts": args.parts,
+           "threads": args.threads}
+    if any(all(run.get(k) == v for k, v in key.items()) for run in done(args.out)):
+        print("already measured:", key)
+        return
+    inputs = args.work / f"in_{tag}"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for index in range(args.cases):
+        if not (inputs / f"ct{index:03d}_0000.mha").is_file():
+            write_volume(inputs / f"ct{index:03d}_0000.mha", shape, spacing)
+    model = make_model(args.work / f"model_{tag}_{args.classes}", shape, spacing, args.classes, args.width_divisor)
+    base = [sys.executable, "-m", "autoseg", "predict", "-i", str(inputs), "-m", str(model), "--no-tta", "--device",
+            "cpu", "--overwrite"]
+    started = time.perf_counter()
+    subprocess.run([*base, "-o", str(args.work / f"out_{tag}_one")], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    one = time.perf_counter() - started
+    threads = str(max(1, args.threads // args.parts))
+    started = time.perf_counter()
+    processes = [subprocess.Popen([*base, "-o", str(args.work / f"out_{tag}_parts"), "--part", f"{i}/{args.parts}"],
+                                  env={**os.environ, "OMP_NUM_THREADS": threads}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for i in range(1, args.parts + 1)]
+    if any(process.wait() for process in processes):
+        raise SystemExit("a part failed")
+    split = time.perf_counter() - started
+    written = sorted(p.name for p in (args.work / f"out_{tag}_parts").glob("*.mha"))
+    result = {**key, "one_process_seconds": round(one, 1), "parts_seconds": round(split, 1),
+              "speedup": round(one / split, 2), "written": len(written), "cpu": cpu_name()}
+    print(json.dumps(result), flush=True)
+    with args.out.open("a") as handle:
+        handle.write(json.dumps(result) + "\n")
+
+
 def hash_labels(labels) -> str:
     import hashlib
 
@@ -156,21 +198,31 @@ def cpu_name() -> str:
 def table(runs: list[dict]) -> str:
     lines = ["| volume (z y x) | classes | width | predictor | seconds | us / voxel | peak RSS GiB | labels (sha) |",
              "|---|---|---|---|---|---|---|---|"]
+    parts = [r for r in runs if r.get("task") == "parts"]
+    runs = [r for r in runs if r.get("task") != "parts"]
     for r in runs:
         lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['classes']} | 1/{r['width_divisor']} | {r['source']} | "
                      f"{r['seconds']:.1f} | {r['us_per_voxel']:.3f} | {r['peak_rss_gb']:.2f} | {r['labels_sha']} |")
+    if parts:
+        lines += ["", "| folder | processes | one process s | N processes s | speed-up | cases written |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['cases']} x {'x'.join(map(str, r['shape']))}, {r['classes']} classes | {r['parts']} | "
+                  f"{r['one_process_seconds']:.1f} | {r['parts_seconds']:.1f} | {r['speedup']:.2f}x | {r['written']} |"
+                  for r in parts]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task", choices=("run", "table"))
+    parser.add_argument("task", choices=("run", "parts", "table"))
     parser.add_argument("--shape", type=int, nargs=3, default=[1000, 512, 512], help="z y x (voxels)")
     parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 0.8, 0.8], help="z y x (mm)")
     parser.add_argument("--classes", type=int, default=105, help="classes, background included")
     parser.add_argument("--width-divisor", type=int, default=4)
     parser.add_argument("--source", type=Path, help="checkout whose autoseg predicts (default: this one)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", type=int, default=8, help="parts: volumes in the folder")
+    parser.add_argument("--parts", type=int, default=4, help="parts: processes")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"))
     parser.add_argument("--out", type=Path, help="default: WORK/results.jsonl")
     args = parser.parse_args()
@@ -178,6 +230,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.task == "run":
         run(args)
+    elif args.task == "parts":
+        run_parts(args)
     print(table(done(args.out)))
 
 
