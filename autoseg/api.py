@@ -276,9 +276,9 @@ def _predict_with_archive(archive: Path, source: str | Path, output: str | Path,
                           options: PredictOptions | None, **kwargs: Any) -> PredictReport:
     """`predict -m model.zip`: unpack the archive (checked) into a temporary folder and predict from there."""
     import dataclasses
-    import tempfile
 
     from autoseg.inference import PredictOptions
+    from autoseg.runtime.scratch import scratch_folder
     from autoseg.sharing import install_model, read_manifest
 
     manifest = read_manifest(archive)
@@ -288,8 +288,8 @@ def _predict_with_archive(archive: Path, source: str | Path, output: str | Path,
     if options.checkpoint != manifest.checkpoint:
         log.info("the archive holds checkpoint_%s.pt: predicting with it", manifest.checkpoint)
         options = dataclasses.replace(options, checkpoint=manifest.checkpoint)
-    with tempfile.TemporaryDirectory(prefix="autoseg-model-") as unpacked:
-        installed = install_model(archive, Path(unpacked))
+    with scratch_folder("autoseg-model") as unpacked:  # also removes those of killed runs
+        installed = install_model(archive, unpacked)
         return predict(source, output, model=installed.model_folder(configuration), options=options, **kwargs)
 
 

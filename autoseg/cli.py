@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from autoseg import __version__
-from autoseg.errors import AutosegError
+from autoseg.errors import AutosegError, SettingsError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,6 +66,7 @@ def guarded(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             try:
+                _refuse_values_after_switches(kwargs.get("ctx"))
                 return func(*args, **kwargs)
             except OSError as err:  # disk full, read-only, permissions: a sentence and a fix, not a traceback
                 raise os_error(err) from err
@@ -81,6 +82,25 @@ def guarded(func: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+#: Words that, as a positional argument, most likely followed a switch (`--overwrite true`).
+_SWITCH_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def _refuse_values_after_switches(context: Any) -> None:
+    """`--overwrite true` parses as the switch plus a positional "true" (a folder named true, a dataset named
+    true): refuse it with the fix instead of writing into ./true. (typer vendors its own click: duck typing.)"""
+    if not hasattr(context, "params") or not hasattr(context, "command"):
+        return
+    for param in context.command.params:
+        value = context.params.get(param.name or "")
+        if getattr(param, "param_type_name", "") == "argument" and isinstance(value, (str, Path)) and \
+                str(value).strip().lower() in _SWITCH_WORDS:
+            name = (param.name or "an argument").upper()
+            raise SettingsError(f"{str(value)!r} given as {name}: switches take no value",
+                                hint="write the switch alone (--overwrite, --tta) and --no-SWITCH to turn one off "
+                                     "(--no-tta); a folder really named like that: give its absolute path")
 
 
 #: errno -> what to do about it (the message itself is the system's).
@@ -328,6 +348,25 @@ def train_command(
 
 # registers predict, evaluate, ... and export-model, install-model, env on `app`
 from autoseg import cli_inference, cli_sharing  # noqa: E402,F401,I001
+
+
+def _flags_without_type_in_help() -> None:
+    """typer 0.29 with click 8.5 prints the Python type `<bool>` after every switch in --help, as if it took a
+    value (and users then write `--overwrite true`). A switch shows no type column."""
+    import typer.core
+
+    original = typer.core.TyperOption.display_type_rich
+    if getattr(original, "switch_aware", False):
+        return
+
+    def display_type_rich(self: typer.core.TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else original(self, ctx)
+
+    display_type_rich.switch_aware = True  # type: ignore[attr-defined]
+    typer.core.TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_type_in_help()
 
 
 def main() -> None:

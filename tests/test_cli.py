@@ -137,3 +137,15 @@ def test_preprocess_and_predict_take_a_part_of_the_cases(roots: Path) -> None:
         assert len(list(cache.glob("*.json"))) == done
     wrong = runner.invoke(app, ["predict", "-i", "in", "-o", "out", "-d", "900", "--part", "0/2"])
     assert wrong.exit_code == 2 and "numbered 1 to N" in wrong.output and "Traceback" not in wrong.output
+
+
+def test_switches_show_no_type_and_refuse_a_value(roots: Path) -> None:
+    """Issue 19: --help printed `<bool>` after every switch, and `--overwrite true` wrote into ./true."""
+    help_text = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    assert "--continue" in help_text and "<bool>" not in help_text and "BOOLEAN" not in help_text
+    result = runner.invoke(app, ["example-dataset", "--overwrite", "true"])
+    assert result.exit_code == 2 and "switches take no value" in result.output
+    assert not (Path.cwd() / "true").exists()
+    elsewhere = roots / "true"  # a folder really named so, given by its full path, is fine
+    assert runner.invoke(app, ["example-dataset", str(elsewhere), "--cases", "2", "--size", "16"]).exit_code == 0
+    assert (elsewhere / "dataset.json").is_file()

@@ -11,6 +11,7 @@ renamed into place. Memory: a class of the whole volume at a time, whatever the 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -19,9 +20,12 @@ import numpy as np
 from autoseg.planning.contract import Plans
 from autoseg.preprocessing.contract import CaseProperties
 from autoseg.preprocessing.inverse import place_in_original
+from autoseg.runtime.scratch import remove_stale
 from autoseg.serialization import atomic_write
 
 STORED = np.dtype("<f2")
+#: The scratch file's name: .CASE.npz.<pid>.scratch
+SCRATCH_PID = re.compile(r"\.(?P<pid>\d+)\.scratch$")
 
 
 class ProbabilityFile:
@@ -34,6 +38,7 @@ class ProbabilityFile:
         self.shape = tuple(int(n) for n in properties.shape_after_crop)
         self.plane = int(np.prod(self.shape[1:])) * STORED.itemsize
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(self.target.parent.glob(".*.scratch"), SCRATCH_PID)  # left by killed runs
         self.scratch = self.target.with_name(f".{self.target.name}.{os.getpid()}.scratch")
         self.handle = open(self.scratch, "w+b")
         self.handle.truncate(classes * self.shape[0] * self.plane)

@@ -44,32 +44,58 @@ def plot_progress(records: list[dict[str, Any]], path: Path) -> None:
     """Losses, pseudo-Dice (per class and its moving average), learning rate and epoch time."""
     if not records:
         return
+    import matplotlib.pyplot as plt
+
+    fig = progress_figure(records)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    plt.close(fig)
+
+
+#: Below this many epochs every point gets a marker: a line through one point draws nothing.
+MARKERS_UP_TO = 30
+
+
+def progress_figure(records: list[dict[str, Any]]) -> Any:
+    """The progress figure (matplotlib, Agg): markers on the points while there are few epochs, and one
+    colour per class (a colour map, not the 10-colour cycle that repeats from the 11th class)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in records]
+    style = {"marker": "o", "markersize": 3} if len(records) <= MARKERS_UP_TO else {}
     fig, axes = plt.subplots(3, 1, figsize=(10, 11), sharex=True)
-    axes[0].plot(epochs, [r["train_loss"] for r in records], label="train loss")
+    axes[0].plot(epochs, [r["train_loss"] for r in records], color="tab:blue", label="train loss", **style)
     if any("val_loss" in r for r in records):
-        axes[0].plot(epochs, [r.get("val_loss") for r in records], label="validation loss")
+        axes[0].plot(epochs, [r.get("val_loss") for r in records], color="tab:red", label="validation loss", **style)
     axes[0].set_ylabel("loss")
     twin = axes[0].twinx()
-    for name in records[-1].get("pseudo_dice", {}):
-        twin.plot(epochs, [r.get("pseudo_dice", {}).get(name) for r in records], ":", label=f"dice {name}")
-    twin.plot(epochs, [r.get("ema_dice") for r in records], "k-", label="pseudo-Dice (EMA)")
+    names = list(records[-1].get("pseudo_dice", {}))
+    colours = class_colours(len(names))
+    for name, colour in zip(names, colours):
+        twin.plot(epochs, [r.get("pseudo_dice", {}).get(name) for r in records], ":", color=colour,
+                  label=f"dice {name}", **style)
+    twin.plot(epochs, [r.get("ema_dice") for r in records], "k-", label="pseudo-Dice (EMA)", **style)
     twin.set_ylabel("pseudo-Dice")
     axes[0].legend(loc="upper left")
-    twin.legend(loc="lower left")
-    axes[1].plot(epochs, [r["lr"] for r in records])
+    twin.legend(loc="lower left", ncol=max(1, len(names) // 12 + 1), fontsize="small")
+    axes[1].plot(epochs, [r["lr"] for r in records], **style)
     axes[1].set_ylabel("learning rate")
-    axes[2].plot(epochs, [r["epoch_seconds"] for r in records])
+    axes[2].plot(epochs, [r["epoch_seconds"] for r in records], **style)
     axes[2].set_ylabel("epoch time (s)")
     axes[2].set_xlabel("epoch")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
-    plt.close(fig)
+    return fig
+
+
+def class_colours(count: int) -> list[tuple[float, ...]]:
+    """`count` distinct colours: tab20's for up to 20 classes, evenly spaced hues beyond."""
+    from matplotlib import colormaps
+
+    if count <= 20:
+        return [colormaps["tab20"](i) for i in range(count)]
+    return [colormaps["hsv"](i / count) for i in range(count)]
 
 
 def attach_log_file(path: Path) -> logging.Handler:
