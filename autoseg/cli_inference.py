@@ -118,6 +118,25 @@ def evaluate_command(
     _console().print(f"summary: {output or predictions / 'summary.json'}", soft_wrap=True)
 
 
+@app.command("overlay")
+@guarded
+def overlay_command(
+    ctx: typer.Context,
+    images: Annotated[Path, typer.Argument(help="Folder of scans CASE_0000<ending> (e.g. imagesTr, or new scans).")],
+    labels: Annotated[Path, typer.Argument(help="Folder of label maps CASE<ending> (labelsTr, or predictions).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the CASE.png pictures.")],
+) -> None:
+    """One PNG per case: the slice with the most labelled voxels, labels coloured over the grey scan.
+
+    Example: autoseg overlay raw/Dataset004_Hippocampus/imagesTr raw/Dataset004_Hippocampus/labelsTr -o png/
+    (or a prediction folder as LABELS to look at what a model did). Channel 0 is shown.
+    """
+    from autoseg.evaluation.overlay import pair_overlay_cases, write_overlays
+
+    written = write_overlays(pair_overlay_cases(images, labels), output)
+    _console().print(f"{len(written)} overlay(s) -> {output}", soft_wrap=True)
+
+
 @app.command("ensemble", context_settings={"allow_extra_args": True})
 @guarded
 def ensemble_command(
