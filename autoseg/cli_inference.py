@@ -47,6 +47,9 @@ def predict_command(
         "torch, openvino, onnxruntime (CPU engines: pip install \"autoseg[openvino]\" / \"autoseg[onnx]\"), or "
         "auto: the fastest installed engine that reproduces torch's output on this model, else torch. "
         "See docs/inference.md."))] = "torch",
+    accumulator: Annotated[str, typer.Option("--accumulator", help=(
+        "float32, or float16: half the memory for the sliding window's running sum on huge volumes; the label "
+        "can change where two classes tie within ~1e-3 (docs/inference.md)."))] = "float32",
     save_probabilities: Annotated[bool, typer.Option("--save-probabilities", "--save_probabilities", help=(
         "Also write CASE.npz with class probabilities (for `autoseg ensemble`)."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Predict cases whose output exists too.")] = False,
@@ -69,7 +72,7 @@ def predict_command(
     fold_list = _folds(list(folds or []) + list(ctx.args))
     options = PredictOptions(folds=fold_list, checkpoint=checkpoint, device=device, tta=tta, step_size=step_size,
                              tiles_per_batch=tiles_per_batch, amp=amp, cpu_bf16=cpu_bf16,
-                             precision=precision, engine=engine)
+                             precision=precision, engine=engine, accumulator=accumulator)
     report = api.predict(source, output, dataset=dataset, configuration=configuration, plans_name=plans_name,
                          model=model, options=options, overwrite=overwrite, save_probabilities=save_probabilities,
                          prev_stage=prev_stage, part=part)

@@ -36,8 +36,9 @@ def cpu_accumulator() -> Iterator[None]:
     """Make sliding_window_logits keep its logit sum in CPU memory, as it does when the GPU is full."""
     original = sliding._accumulator
 
-    def on_cpu(num_classes: int, shape: Any, device: torch.device) -> torch.Tensor:
-        return original(num_classes, shape, torch.device("cpu"))
+    def on_cpu(num_classes: int, shape: Any, device: torch.device, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+        return original(num_classes, shape, torch.device("cpu"), dtype)
 
     sliding._accumulator = on_cpu
     try:

@@ -147,3 +147,12 @@ def test_folder_prediction_streams_probabilities_into_the_npz(predictor: Predict
         written = stored["probabilities"].astype(np.float32)
     np.testing.assert_allclose(written, in_memory.probabilities, atol=1e-3)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_accumulator_option_is_checked_and_reaches_the_window(predictor: Predictor) -> None:
+    from autoseg.errors import SettingsError
+
+    half = Predictor.from_folder(predictor.source, PredictOptions(tta=False, accumulator="float16"))
+    assert half.window.accumulator == "float16"
+    with pytest.raises(SettingsError, match="unknown accumulator"):
+        Predictor.from_folder(predictor.source, PredictOptions(accumulator="float8"))

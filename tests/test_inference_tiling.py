@@ -184,9 +184,9 @@ def test_the_open_rows_stay_about_one_patch_deep_however_long_the_volume() -> No
     made = []
     original = sliding._accumulator
 
-    def recording(num_classes, shape, device):
+    def recording(num_classes, shape, device, dtype=torch.float32):
         made.append(tuple(shape))
-        return original(num_classes, shape, device)
+        return original(num_classes, shape, device, dtype)
 
     data = np.zeros((1, 200, 12, 12), np.float32)
     try:
@@ -225,8 +225,8 @@ def test_blending_features_before_a_linear_head_equals_blending_logits(two_netwo
     made = []
     original = sliding._accumulator
     try:
-        sliding._accumulator = lambda channels, shape, device: made.append(channels) or original(channels, shape,
-                                                                                                  device)
+        sliding._accumulator = lambda channels, shape, device, dtype=torch.float32: made.append(channels) or \
+            original(channels, shape, device, dtype)
         blended = sliding_window_logits(networks, data, window, num_classes=20, device=torch.device("cpu"))
     finally:
         sliding._accumulator = original
@@ -234,3 +234,25 @@ def test_blending_features_before_a_linear_head_equals_blending_logits(two_netwo
     assert made == [4 * len(networks)] and not any(network.features_only for network in networks)
     torch.testing.assert_close(blended, reference, rtol=1e-5, atol=1e-5)
     assert torch.equal(blended.argmax(0), reference.argmax(0))
+
+
+def test_a_float16_accumulator_keeps_almost_every_label() -> None:
+    """Issue 18: half the memory for the open rows; the argmax may change only at near-ties."""
+    import dataclasses
+
+    from autoseg.model.build import build_network
+    from autoseg.model.contract import Topology
+
+    topology = Topology(dim=3, features_per_stage=(8, 16), kernel_sizes=((3, 3, 3),) * 2,
+                        strides=((1, 1, 1), (2, 2, 2)), convs_per_stage=(1, 1), convs_per_decoder_stage=(1,),
+                        deep_supervision=False)
+    torch.manual_seed(0)
+    network = build_network(dataclasses.replace(topology), in_channels=1, num_classes=5).eval()
+    data = np.random.default_rng(6).normal(size=(1, 30, 26, 22)).astype(np.float32)
+    window = WindowSettings(patch=(16, 16, 16), mirror_axes=(0, 1))
+    full = sliding_window_logits([network], data, window, num_classes=5, device=torch.device("cpu"))
+    half = sliding_window_logits([network], data, dataclasses.replace(window, accumulator="float16"),
+                                 num_classes=5, device=torch.device("cpu"))
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0, atol=5e-3)
+    assert (half.argmax(0) == full.argmax(0)).float().mean() > 0.995

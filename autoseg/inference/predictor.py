@@ -71,6 +71,7 @@ class PredictOptions:
     #: output changes slightly: docs/inference.md)
     precision: str = "auto"
     engine: str = "torch"  # auto, torch, openvino or onnxruntime (autoseg.inference.engines; CPU engines)
+    accumulator: str = "float32"  # or float16: half the memory of the sliding window's open rows
 
 
 class Predictor:
@@ -112,7 +113,8 @@ class Predictor:
                                             checkpoint=model.checkpoint(fold, checkpoint)))
             mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in axes)
         window = WindowSettings(patch=tuple(config.patch_size), step=options.step_size,
-                                mirror_axes=tuple(mirror_axes or ()) if options.tta else (), tiles_per_batch=tiles)
+                                mirror_axes=tuple(mirror_axes or ()) if options.tta else (), tiles_per_batch=tiles,
+                                accumulator=check_accumulator(options.accumulator))
         engines = sorted({getattr(network, "engine", "torch") for network in networks})
         log.info("loaded %s (folds %s) on %s with the %s engine; test-time mirroring over axes %s",
                  model.root.name, ", ".join(folds), device, "/".join(engines), window.mirror_axes or "none")
@@ -229,6 +231,14 @@ class Predictor:
         previous_labels = None if previous is None else read_label(previous)[0]
         return self.predict(images, geometry=geometry, previous=previous_labels,
                             with_probabilities=with_probabilities)
+
+
+def check_accumulator(name: str) -> str:
+    from autoseg.inference.sliding import ACCUMULATORS
+
+    if name not in ACCUMULATORS:
+        raise SettingsError(f"unknown accumulator {name!r}", hint=f"choose one of: {', '.join(ACCUMULATORS)}")
+    return name
 
 
 def configuration_name(model: ModelFolder, plans: Plans) -> str:

@@ -29,6 +29,8 @@ from autoseg.log import get_logger
 from autoseg.runtime.device import autocast
 
 log = get_logger("inference")
+#: --accumulator values.
+ACCUMULATORS = {"float32": torch.float32, "float16": torch.float16}
 #: Logits handed out per slab at most (bytes, float32): bounds the copies of finished rows.
 SLAB_BYTES = 256 * 2**20
 
@@ -43,6 +45,9 @@ class WindowSettings:
     mirror_axes: tuple[int, ...] = ()
     tiles_per_batch: int = 1
     gaussian: bool = True
+    #: dtype of the open rows' weighted sum: float32, or float16 (half the memory; the argmax may change
+    #: where the two best classes are within ~1e-3 of each other: docs/benchmarks.md measures how often)
+    accumulator: str = "float32"
 
 
 def sliding_window_logits(
@@ -91,7 +96,8 @@ def sliding_window_slabs(
                                                                                 settings.tiles_per_batch)]
     outputs = BlendedOutputs(networks, num_classes)
     ring = _Ring(outputs, padded.shape[1:], rows=int(window[0]) + max(
-        batch[-1][0].start - batch[0][0].start for batch in batches), device=device)
+        batch[-1][0].start - batch[0][0].start for batch in batches), device=device,
+                 dtype=ACCUMULATORS[settings.accumulator])
     weight = weight.to(ring.device)
     flips = mirror_combinations(settings.mirror_axes)
     squeeze = len(window) - len(settings.patch)
@@ -101,21 +107,37 @@ def sliding_window_slabs(
             tiles = torch.stack([volume[(slice(None), *box)] for box in batch_boxes]).to(device, non_blocking=True)
             mean = _mean_prediction(networks, tiles, flips, squeeze=squeeze, device=device, amp=amp,
                                     per_network=outputs.per_network)
-            mean = mean.to(ring.device) * weight
+            mean = mean.to(ring.device)
             for tile, box in zip(mean, batch_boxes):
-                ring.add(tile, box)
+                ring.add(tile * (weight if ring.exact_sum else _normalised(weight, box, sums)), box)
         yield from ring.finish_rows_before(padded.shape[1], sums, inner)
+
+
+def _normalised(weight: torch.Tensor, box: tuple[slice, ...], sums: list[torch.Tensor]) -> torch.Tensor:
+    """The tile's weights divided by the summed weight of every voxel they cover (separable): contributions
+    that add up to the blended value itself, all of its order of magnitude, so a float16 sum neither
+    underflows at the tile borders (Gaussian weights reach 1e-9 in the corners) nor overflows."""
+    total = torch.ones((), dtype=weight.dtype, device=weight.device)
+    for dim, (axis_sum, part) in enumerate(zip(sums, box)):
+        view = [1] * len(box)
+        view[dim] = -1
+        total = total * axis_sum[part].to(weight.device).reshape(view)
+    return weight / total
 
 
 class _Ring:
     """The weighted sum of the open rows (first spatial axis): global row g lives at g % rows. It holds the
     blended channels (logits, or features: autoseg.inference.heads) and hands out logits."""
 
-    def __init__(self, outputs: BlendedOutputs, shape: Sequence[int], *, rows: int, device: torch.device) -> None:
+    def __init__(self, outputs: BlendedOutputs, shape: Sequence[int], *, rows: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.outputs = outputs
         self.shape0 = int(shape[0])
         self.rows = min(rows, self.shape0)
-        self.sum = _accumulator(outputs.channels, (self.rows, *shape[1:]), device)
+        self.sum = _accumulator(outputs.channels, (self.rows, *shape[1:]), device, dtype)
+        #: float32: weighted sums divided by the weight sum when finished (the exact arithmetic of the whole-
+        #: volume window); reduced precision: contributions come normalised (_normalised) and are just added
+        self.exact_sum = dtype == torch.float32
         plane = int(np.prod([int(n) for n in shape[1:]]))
         self.rows_per_slab = max(1, SLAB_BYTES // (4 * max(outputs.num_classes, outputs.channels) * plane))
         self.device = self.sum.device
@@ -143,10 +165,10 @@ class _Ring:
 
     def _finish(self, start: int, stop: int, sums: list[torch.Tensor], inner: tuple[slice, ...]) -> Iterator[Slab]:
         pieces = self._pieces(start, stop)
-        block = torch.cat([self.sum[:, ring_rows] for ring_rows, _ in pieces], dim=1)
+        block = torch.cat([self.sum[:, ring_rows] for ring_rows, _ in pieces], dim=1).float()
         for ring_rows, _ in pieces:
             self.sum[:, ring_rows] = 0
-        for dim, total in enumerate(sums):
+        for dim, total in enumerate(sums if self.exact_sum else []):
             view = [1] * block.ndim
             view[dim + 1] = -1
             part = total[start:stop] if dim == 0 else total
@@ -199,12 +221,13 @@ def _to_device_if_it_fits(volume: torch.Tensor, device: torch.device) -> torch.T
         return volume
 
 
-def _accumulator(num_classes: int, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+def _accumulator(num_classes: int, shape: Sequence[int], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weighted logit sum, on the device when it fits there, else in CPU memory. (The weight sum
     needs no map of its own: it is separable, see `weight_sums`.)"""
     if device.type != "cpu":
         try:
-            return torch.zeros((num_classes, *shape), dtype=torch.float32, device=device)
+            return torch.zeros((num_classes, *shape), dtype=dtype, device=device)
         except torch.OutOfMemoryError:
             log.warning("the prediction of this volume does not fit on %s; accumulating in CPU memory", device)
-    return torch.zeros((num_classes, *shape), dtype=torch.float32)
+    return torch.zeros((num_classes, *shape), dtype=dtype)
