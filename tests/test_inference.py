@@ -219,3 +219,26 @@ def test_a_folder_with_only_best_checkpoints_predicts_with_them(model: ModelFold
     shutil.copy(first, first.with_name("checkpoint_latest.pt"))  # two kinds: no guessing, a clear error
     with pytest.raises(CheckpointError, match="checkpoint_final"):
         Predictor.from_folder(copy, PredictOptions(tta=False))
+
+
+def test_a_folder_never_keeps_the_scans_it_has_predicted(model: ModelFolder, example_dataset: Path,
+                                                         tmp_path: Path) -> None:
+    """Issue 18: the reader used to keep every case's images referenced until the folder was done."""
+    import gc
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    from autoseg.inference.run import _prefetch
+
+    for index in range(4):
+        shutil.copy(example_dataset / "imagesTs" / "test_000_0000.nii.gz", tmp_path / f"case{index}_0000.nii.gz")
+    predictor = Predictor.from_folder(model.root, PredictOptions(folds=("0",), tta=False))
+    todo = [(case, tmp_path / "out" / case.case_id) for case in find_input_cases(tmp_path, 1)]
+    seen = []
+    with ThreadPoolExecutor(1) as reader:
+        for _, future in _prefetch(reader, todo, predictor, None):
+            seen.append(weakref.ref(future.result()[0]))
+            del future
+            gc.collect()
+            assert sum(ref() is not None for ref in seen) <= 2  # this case and the one being read
+    assert len(seen) == 4

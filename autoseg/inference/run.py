@@ -171,12 +171,16 @@ def _identity(info: PredictionInfo) -> tuple[object, ...]:
 
 def _prefetch(reader: ThreadPoolExecutor, todo: list[tuple[InputCase, Path]], predictor: Predictor,
               previous_stage: Path | None) -> Iterator[tuple[tuple[InputCase, Path], Future[Loaded]]]:
-    """Yield each case with the future of its images, the next one already being read."""
-    futures = [reader.submit(_read, case, predictor.num_channels, previous_stage) for case, _ in todo[:1]]
+    """Yield each case with the future of its images, the next one already being read. Only the current
+    and the next case are referenced here: a folder of large scans never holds more than two."""
+    following = reader.submit(_read, todo[0][0], predictor.num_channels, previous_stage) if todo else None
     for index, item in enumerate(todo):
+        current, following = following, None
         if index + 1 < len(todo):
-            futures.append(reader.submit(_read, todo[index + 1][0], predictor.num_channels, previous_stage))
-        yield item, futures[index]
+            following = reader.submit(_read, todo[index + 1][0], predictor.num_channels, previous_stage)
+        assert current is not None
+        yield item, current
+        del current
 
 
 def _read(case: InputCase, num_channels: int, previous_stage: Path | None) -> Loaded:
