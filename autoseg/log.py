@@ -43,9 +43,22 @@ def _make_handler() -> logging.Handler:
         from rich.logging import RichHandler
 
         return RichHandler(show_time=False, show_path=False, markup=False)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     return handler
+
+
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record comes, not the stream of when it was made: a command
+    run inside another program (a test runner, a notebook) may swap sys.stderr and close the old one."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
 
 
 def progress(items: Iterable[T], *, total: int | None = None, description: str = "") -> Iterator[T]:

@@ -198,8 +198,8 @@ def test_the_open_rows_stay_about_one_patch_deep_however_long_the_volume() -> No
     assert made == [(16, 12, 12)] and out.shape == (1, 200, 12, 12)
 
 
-@pytest.mark.parametrize("two_networks", [False, True])
-def test_blending_features_before_a_linear_head_equals_blending_logits(two_networks: bool) -> None:
+@pytest.mark.parametrize("two_networks, two_d", [(False, False), (True, False), (False, True)])
+def test_blending_features_before_a_linear_head_equals_blending_logits(two_networks: bool, two_d: bool) -> None:
     """Issue 18: with more classes than features, the window blends the U-Net's last features and applies
     the 1x1 head per finished row: the same logits up to rounding, open rows that do not grow with classes."""
     import dataclasses
@@ -209,8 +209,9 @@ def test_blending_features_before_a_linear_head_equals_blending_logits(two_netwo
     from autoseg.model.build import build_network
     from autoseg.model.contract import Topology
 
-    topology = Topology(dim=3, features_per_stage=(4, 8), kernel_sizes=((3, 3, 3),) * 2,
-                        strides=((1, 1, 1), (2, 2, 2)), convs_per_stage=(1, 1), convs_per_decoder_stage=(1,))
+    dims = 2 if two_d else 3
+    topology = Topology(dim=dims, features_per_stage=(4, 8), kernel_sizes=((3,) * dims,) * 2,
+                        strides=((1,) * dims, (2,) * dims), convs_per_stage=(1, 1), convs_per_decoder_stage=(1,))
     networks = []
     for seed in range(2 if two_networks else 1):
         torch.manual_seed(seed)
@@ -221,7 +222,7 @@ def test_blending_features_before_a_linear_head_equals_blending_logits(two_netwo
     assert outputs.per_network and outputs.channels == 4 * len(networks)
     assert not BlendedOutputs(networks, 3).per_network  # fewer classes than features: logits, as before
     data = np.random.default_rng(5).normal(size=(1, 19, 14, 11)).astype(np.float32)
-    window = WindowSettings(patch=(8, 8, 8), mirror_axes=(0, 2), tiles_per_batch=2)
+    window = WindowSettings(patch=(8, 8) if two_d else (8, 8, 8), mirror_axes=(0, 1), tiles_per_batch=2)
     made = []
     original = sliding._accumulator
     try:

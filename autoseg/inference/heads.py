@@ -53,7 +53,8 @@ class BlendedOutputs:
                 network.features_only = False
 
     def to_logits(self, block: torch.Tensor) -> torch.Tensor:
-        """Blended channels (channels, rows, ...) -> mean logits (num_classes, rows, ...) float32."""
+        """Blended channels (channels, rows, ...) -> mean logits (num_classes, rows, ...) float32; a 2d
+        network's rows are the slices of a volume."""
         if self.heads is None:
             return block
         total, first = None, 0
@@ -61,7 +62,11 @@ class BlendedOutputs:
             count = head.in_channels
             weight = next(head.parameters())
             features = block[first:first + count].to(weight.device, weight.dtype)
-            out = head(features[None])[0].to(block.device, torch.float32)
+            if features.ndim == weight.ndim:  # a 2d head on a volume's rows: the rows are its batch
+                out = head(features.transpose(0, 1)).transpose(0, 1)
+            else:
+                out = head(features[None])[0]
+            out = out.to(block.device, torch.float32)
             total = out if total is None else total.add_(out)
             first += count
         assert total is not None
