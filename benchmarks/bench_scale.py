@@ -33,9 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-               "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-               "sys.exit(code)")
+from bench_families import autoseg, cpu_name
+from bench_learning import done_runs
 
 
 def write_volume(path: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> None:
@@ -100,16 +99,10 @@ def predict(model: Path, inputs: Path, output: Path, source: Path | None, thread
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if source is not None:
         env["PYTHONPATH"] = str(source)
-    command = [sys.executable, "-c", RSS_WRAPPER, sys.executable, "-m", "autoseg", "predict", "-i", str(inputs),
-               "-o", str(output), "-m", str(model), "--no-tta", "--device", "cpu", "--overwrite"]
-    started = time.perf_counter()
-    result = subprocess.run(command, env=env, stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - started
-    lines = result.stderr.splitlines()
-    if result.returncode:
-        sys.stderr.write("\n".join(lines[-30:]) + "\n")
-        raise SystemExit(f"predict failed ({result.returncode})")
-    return seconds, next(int(line.split()[1]) / 2**20 for line in lines if line.startswith("PEAK_RSS_KIB"))
+    seconds, rss = autoseg("predict", "-i", str(inputs), "-o", str(output), "-m", str(model), "--no-tta", "--device",
+                           "cpu", "--overwrite", env=env, measure_rss=True)
+    assert rss is not None
+    return seconds, rss
 
 
 def run(args: argparse.Namespace) -> None:
@@ -121,7 +114,7 @@ def run(args: argparse.Namespace) -> None:
     tag = f"{'x'.join(map(str, shape))}"
     key = {"shape": list(shape), "spacing": list(spacing), "classes": args.classes, "width_divisor": args.width_divisor,
            "source": str(args.source) if args.source else "this checkout", "threads": args.threads}
-    if any(all(run.get(k) == v for k, v in key.items()) for run in done(args.out)):
+    if any(all(run.get(k) == v for k, v in key.items()) for run in done_runs(args.out)):
         print("already measured:", key)
         return
     inputs = args.work / f"in_{tag}"
@@ -148,7 +141,7 @@ def run_parts(args: argparse.Namespace) -> None:
     tag = f"{'x'.join(map(str, shape))}_{args.cases}"
     key = {"task": "parts", "shape": list(shape), "classes": args.classes, "cases": args.cases, "parts": args.parts,
            "threads": args.threads}
-    if any(all(run.get(k) == v for k, v in key.items()) for run in done(args.out)):
+    if any(all(run.get(k) == v for k, v in key.items()) for run in done_runs(args.out)):
         print("already measured:", key)
         return
     inputs = args.work / f"in_{tag}"
@@ -183,16 +176,6 @@ def hash_labels(labels) -> str:
     import hashlib
 
     return hashlib.sha256(labels.tobytes()).hexdigest()[:12]
-
-
-def done(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{model}{' AVX512-BF16' if 'avx512_bf16' in info else ''}, {os.cpu_count()} cores"
 
 
 def table(runs: list[dict]) -> str:
@@ -232,7 +215,7 @@ def main() -> None:
         run(args)
     elif args.task == "parts":
         run_parts(args)
-    print(table(done(args.out)))
+    print(table(done_runs(args.out)))
 
 
 if __name__ == "__main__":

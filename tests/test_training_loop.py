@@ -159,17 +159,24 @@ def test_corrupt_and_incompatible_checkpoints_are_clear_errors(prepared, tmp_pat
     assert ModelFolder(tmp_path).folds() == ()
 
 
+def _planned_example(root: Path, name: str, seed: int) -> dict[str, str]:
+    """A 5-case example dataset `name` (DatasetNNN_X) planned and preprocessed under `root` by the CLI; the
+    environment that points autoseg at it (one thread per process)."""
+    from autoseg.dataset.synthetic import make_example_dataset
+
+    make_example_dataset(root / "raw" / name, n_cases=5, size=24, seed=seed)
+    env = dict(os.environ, AUTOSEG_RAW=str(root / "raw"), AUTOSEG_PREPROCESSED=str(root / "pre"),
+               AUTOSEG_RESULTS=str(root / "res"), OMP_NUM_THREADS="1")
+    number = name[len("Dataset"):len("Dataset") + 3]
+    for command in (["plan", number, "-j", "1"], ["preprocess", number, "-j", "1"]):
+        subprocess.run([sys.executable, "-m", "autoseg", *command], env=env, check=True, capture_output=True)
+    return env
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path: Path) -> None:
-    from autoseg.dataset.synthetic import make_example_dataset
-
-    make_example_dataset(tmp_path / "raw" / "Dataset960_Ddp", n_cases=5, size=24, seed=1)
-    env = dict(os.environ, AUTOSEG_RAW=str(tmp_path / "raw"), AUTOSEG_PREPROCESSED=str(tmp_path / "pre"),
-               AUTOSEG_RESULTS=str(tmp_path / "res"), OMP_NUM_THREADS="1")
-    cli = [sys.executable, "-m", "autoseg"]
-    for command in (["plan", "960", "-j", "1"], ["preprocess", "960", "-j", "1"]):
-        subprocess.run([*cli, *command], env=env, check=True, capture_output=True)
+    env = _planned_example(tmp_path, "Dataset960_Ddp", seed=1)
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
               "-m", "autoseg", "train", "960", "3d_fullres", "0", "--epochs", "1", "--iterations-per-epoch", "2",
               "--val-iterations", "1", "-j", "0", "--device", "cpu"]
@@ -188,14 +195,7 @@ def test_two_nodes_on_one_machine_meet_at_a_c10d_rendezvous_and_stay_identical(t
     weights compared by checksum; a mismatch raises)."""
     import socket
 
-    from autoseg.dataset.synthetic import make_example_dataset
-
-    make_example_dataset(tmp_path / "raw" / "Dataset961_Nodes", n_cases=5, size=24, seed=2)
-    env = dict(os.environ, AUTOSEG_RAW=str(tmp_path / "raw"), AUTOSEG_PREPROCESSED=str(tmp_path / "pre"),
-               AUTOSEG_RESULTS=str(tmp_path / "res"), OMP_NUM_THREADS="1")
-    cli = [sys.executable, "-m", "autoseg"]
-    for command in (["plan", "961", "-j", "1"], ["preprocess", "961", "-j", "1"]):
-        subprocess.run([*cli, *command], env=env, check=True, capture_output=True)
+    env = _planned_example(tmp_path, "Dataset961_Nodes", seed=2)
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.errors import ImageReadError
-from autoseg.io.readers import SUPPORTED_ENDINGS, file_ending, read_images, read_label
+from autoseg.io.readers import file_ending, find_case_file, read_images, read_label
 from autoseg.log import progress
 from autoseg.serialization import atomic_write
 
@@ -62,8 +62,7 @@ def pair_overlay_cases(images: Path, labels: Path) -> list[OverlayCase]:
         if not stem.endswith("_0000"):
             continue
         case_id = stem[: -len("_0000")]
-        label = next((Path(labels) / f"{case_id}{e}" for e in dict.fromkeys((ending, *SUPPORTED_ENDINGS))
-                      if (Path(labels) / f"{case_id}{e}").is_file()), None)
+        label = find_case_file(labels, case_id, ending)
         if label is not None:
             found.append(OverlayCase(case_id, path, label))
     if not found:

@@ -8,7 +8,7 @@ channel at full size, not a hundred.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,11 +60,11 @@ def logits_to_probabilities(logits: np.ndarray, semantics: LabelSemantics) -> np
 
 def probabilities_to_labels(probabilities: np.ndarray, semantics: LabelSemantics) -> np.ndarray:
     """Label map (uint8, or int16 beyond 255 classes) from probabilities (c, ...)."""
+    dtype = label_dtype(probabilities.shape[0], semantics)
     if not semantics.is_regions:
-        labels = probabilities.argmax(axis=0)
-        return labels.astype(np.uint8 if probabilities.shape[0] <= 256 else np.int16)
+        return probabilities.argmax(axis=0).astype(dtype)
     assert semantics.region_values is not None
-    out = np.zeros(probabilities.shape[1:], dtype=np.uint8 if max(semantics.region_values) < 256 else np.int16)
+    out = np.zeros(probabilities.shape[1:], dtype=dtype)
     for channel, value in enumerate(semantics.region_values):
         out[probabilities[channel] > 0.5] = value
     return out
@@ -91,19 +91,33 @@ def restore_prediction(
 
 def _streamed_labels(logits: np.ndarray, properties: CaseProperties, config: Configuration,
                      semantics: LabelSemantics) -> np.ndarray:
-    """Class decision channel by channel: a running argmax (plain labels) or sigmoid > 0.5 <=> logit > 0."""
+    """Class decision channel by channel, each resampled to the cropped grid only when it is its turn."""
+    channels = (resample_to_crop(channel, properties, config=config) for channel in logits)
+    return decide_labels(channels, semantics, label_dtype(len(logits), semantics))
+
+
+def label_dtype(num_channels: int, semantics: LabelSemantics) -> np.dtype:
+    """uint8 while every label value fits, int16 beyond 255."""
+    largest = max(semantics.region_values) if semantics.region_values else num_channels - 1
+    return np.dtype(np.uint8 if largest < 256 else np.int16)
+
+
+def decide_labels(channels: Iterable[np.ndarray], semantics: LabelSemantics, dtype: np.dtype) -> np.ndarray:
+    """Labels from logit maps taken one at a time (so a 100-class export holds two maps, not a hundred): a
+    running argmax, ties to the lower class as np.argmax; or, for regions, logit > 0 (sigmoid > 0.5) written in
+    channel order. The first map is overwritten (with the running maximum)."""
     if semantics.is_regions:
         assert semantics.region_values is not None
-        out = np.zeros(properties.shape_after_crop, dtype=np.uint8 if max(semantics.region_values) < 256
-                       else np.int16)
-        for channel, value in zip(logits, semantics.region_values):
-            out[resample_to_crop(channel, properties, config=config) > 0] = value
+        out: np.ndarray | None = None
+        for channel, value in zip(channels, semantics.region_values):
+            out = np.zeros(channel.shape, dtype=dtype) if out is None else out
+            out[channel > 0] = value
+        assert out is not None
         return out
-    best = resample_to_crop(logits[0], properties, config=config)
-    labels = np.zeros(best.shape, dtype=np.uint8 if len(logits) <= 256 else np.int16)
-    for index in range(1, len(logits)):
-        candidate = resample_to_crop(logits[index], properties, config=config)
-        better = candidate > best
-        labels[better] = index
+    iterator = iter(channels)
+    best = next(iterator)
+    labels = np.zeros(best.shape, dtype=dtype)
+    for index, candidate in enumerate(iterator, start=1):
+        labels[candidate > best] = index
         np.maximum(best, candidate, out=best)
     return labels

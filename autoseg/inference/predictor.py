@@ -25,7 +25,7 @@ from autoseg.inference.engines import CompileSpec, prepare_network
 from autoseg.inference.export import LabelSemantics, restore_prediction
 from autoseg.inference.probability_file import ProbabilityFile, save_probabilities_file
 from autoseg.inference.sliding import WindowSettings, sliding_window_logits, sliding_window_slabs
-from autoseg.inference.streaming import StreamedLabels
+from autoseg.inference.streaming import StreamedLabels, streamed_export_is_exact
 from autoseg.io.geometry import DUMMY_2D_SPACING, Geometry
 from autoseg.io.readers import read_images, read_label
 from autoseg.log import get_logger
@@ -143,23 +143,26 @@ class Predictor:
         probabilities_file: write them to this CASE.npz instead, a few rows at a time.
         """
         data = self._with_previous(data, previous)
-        sink = None
-        if probabilities_file is not None and not with_probabilities:
-            sink = ProbabilityFile(probabilities_file, properties, plans=self.plans, classes=self.plans.num_classes,
-                                   background_outside=not self.semantics.is_regions)
-        labels = StreamedLabels(data.shape[1:], properties, plans=self.plans, config=self.config,
-                                semantics=self.semantics, num_classes=self.plans.num_classes, probabilities=sink)
-        if not with_probabilities and labels.exact:  # decided slab by slab while the window slides
-            try:
-                for slab in sliding_window_slabs(self.networks, data, self.window, num_classes=self.plans.num_classes,
-                                                 device=self.device, amp=self.amp):
-                    labels.add(slab.start, slab.logits.numpy())
-                return Prediction(labels=labels.finish(), geometry=properties.geometry)
-            finally:
-                if sink is not None:
-                    sink.close()
-        if sink is not None:
-            sink.close()
+        if with_probabilities or not streamed_export_is_exact(data.shape[1:], properties, self.config):
+            return self._predict_whole_volume(data, properties, with_probabilities, probabilities_file)
+        sink = None if probabilities_file is None else ProbabilityFile(
+            probabilities_file, properties, plans=self.plans, classes=self.plans.num_classes,
+            background_outside=not self.semantics.is_regions)
+        try:  # labels (and probabilities) decided slab by slab while the window slides
+            labels = StreamedLabels(data.shape[1:], properties, plans=self.plans, config=self.config,
+                                    semantics=self.semantics, num_classes=self.plans.num_classes, probabilities=sink)
+            for slab in sliding_window_slabs(self.networks, data, self.window, num_classes=self.plans.num_classes,
+                                             device=self.device, amp=self.amp):
+                labels.add(slab.start, slab.logits.numpy())
+            return Prediction(labels=labels.finish(), geometry=properties.geometry)
+        finally:
+            if sink is not None:
+                sink.close()
+
+    def _predict_whole_volume(self, data: np.ndarray, properties: CaseProperties, with_probabilities: bool,
+                              probabilities_file: Path | None) -> Prediction:
+        """The logits of the whole volume at once: for probabilities asked as an array, and for plans whose
+        export cannot go row by row (streamed_export_is_exact)."""
         logits = self.predict_logits(data)
         want = with_probabilities or probabilities_file is not None
         restored, probabilities = restore_prediction(logits, properties, plans=self.plans, config=self.config,

@@ -27,7 +27,7 @@ from autoseg.inference.info import (
 from autoseg.inference.predictor import Prediction, Predictor
 from autoseg.inference.probability_file import save_probabilities_file
 from autoseg.io.geometry import Geometry
-from autoseg.io.readers import SUPPORTED_ENDINGS, file_ending, read_images, read_label, write_label
+from autoseg.io.readers import SUPPORTED_ENDINGS, file_ending, find_case_file, read_images, read_label, write_label
 from autoseg.log import get_logger, progress
 from autoseg.runtime.parts import WHOLE, Part
 
@@ -200,13 +200,13 @@ def _read(case: InputCase, num_channels: int, previous_stage: Path | None) -> Lo
 
 def previous_stage_file(folder: Path, case: InputCase) -> Path:
     """The previous stage's prediction of `case`: CASE<ending>, the scan's ending first."""
-    for ending in dict.fromkeys((case.ending, *SUPPORTED_ENDINGS)):
-        path = Path(folder) / f"{case.case_id}{ending}"
-        if path.is_file():
-            return path
-    raise ImageReadError(f"case {case.case_id}: no previous-stage segmentation {case.case_id}{case.ending}",
-                         path=folder, hint="predict the scans with the previous stage into this folder first "
-                                           "(or leave out --prev-stage to have `autoseg predict` chain both stages)")
+    path = find_case_file(folder, case.case_id, case.ending)
+    if path is None:
+        raise ImageReadError(f"case {case.case_id}: no previous-stage segmentation {case.case_id}{case.ending}",
+                             path=folder, hint="predict the scans with the previous stage into this folder first "
+                                               "(or leave out --prev-stage to have `autoseg predict` chain both "
+                                               "stages)")
+    return path
 
 
 def _check_previous_stage(predictor: Predictor, previous_stage: Path | None) -> None:

@@ -95,52 +95,42 @@ def sliding_window_slabs(
     batches = [boxes[first:first + settings.tiles_per_batch] for first in range(0, len(boxes),
                                                                                 settings.tiles_per_batch)]
     outputs = BlendedOutputs(networks, num_classes)
-    ring = _Ring(outputs, padded.shape[1:], rows=int(window[0]) + max(
-        batch[-1][0].start - batch[0][0].start for batch in batches), device=device,
+    ring = _Ring(outputs, padded.shape[1:], weight=weight, sums=sums, inner=inner, device=device,
+                 rows=int(window[0]) + max(batch[-1][0].start - batch[0][0].start for batch in batches),
                  dtype=ACCUMULATORS[settings.accumulator])
-    weight = weight.to(ring.device)
     flips = mirror_combinations(settings.mirror_axes)
     squeeze = len(window) - len(settings.patch)
     with torch.inference_mode(), outputs.features_mode():
         for batch_boxes in batches:
-            yield from ring.finish_rows_before(batch_boxes[0][0].start, sums, inner)
+            yield from ring.finish_rows_before(batch_boxes[0][0].start)
             tiles = torch.stack([volume[(slice(None), *box)] for box in batch_boxes]).to(device, non_blocking=True)
             mean = _mean_prediction(networks, tiles, flips, squeeze=squeeze, device=device, amp=amp,
                                     per_network=outputs.per_network)
-            mean = mean.to(ring.device)
-            for tile, box in zip(mean, batch_boxes):
-                ring.add(tile * (weight if ring.exact_sum else _normalised(weight, box, sums)), box)
-        yield from ring.finish_rows_before(padded.shape[1], sums, inner)
-
-
-def _normalised(weight: torch.Tensor, box: tuple[slice, ...], sums: list[torch.Tensor]) -> torch.Tensor:
-    """The tile's weights divided by the summed weight of every voxel they cover (separable): contributions
-    that add up to the blended value itself, all of its order of magnitude, so a float16 sum neither
-    underflows at the tile borders (Gaussian weights reach 1e-9 in the corners) nor overflows."""
-    total = torch.ones((), dtype=weight.dtype, device=weight.device)
-    for dim, (axis_sum, part) in enumerate(zip(sums, box)):
-        view = [1] * len(box)
-        view[dim] = -1
-        total = total * axis_sum[part].to(weight.device).reshape(view)
-    return weight / total
+            for tile, box in zip(mean.to(ring.device), batch_boxes):
+                ring.add(tile, box)
+        yield from ring.finish_rows_before(padded.shape[1])
 
 
 class _Ring:
-    """The weighted sum of the open rows (first spatial axis): global row g lives at g % rows. It holds the
-    blended channels (logits, or features: autoseg.inference.heads) and hands out logits."""
+    """The weighted sum of the open rows (first spatial axis) of the padded volume `shape`: global row g lives
+    at g % rows. It holds the blended channels (logits, or features: autoseg.inference.heads), weights the
+    tiles with the importance map `weight`, divides by the per-axis weight `sums` and hands out the logits of
+    the rows inside `inner` (the unpadded volume)."""
 
-    def __init__(self, outputs: BlendedOutputs, shape: Sequence[int], *, rows: int, device: torch.device,
+    def __init__(self, outputs: BlendedOutputs, shape: Sequence[int], *, weight: torch.Tensor,
+                 sums: list[torch.Tensor], inner: tuple[slice, ...], rows: int, device: torch.device,
                  dtype: torch.dtype = torch.float32) -> None:
-        self.outputs = outputs
+        self.outputs, self.sums, self.inner = outputs, sums, inner
         self.shape0 = int(shape[0])
         self.rows = min(rows, self.shape0)
         self.sum = _accumulator(outputs.channels, (self.rows, *shape[1:]), device, dtype)
+        self.device = self.sum.device
+        self.weight = weight.to(self.device)
         #: float32: weighted sums divided by the weight sum when finished (the exact arithmetic of the whole-
         #: volume window); reduced precision: contributions come normalised (_normalised) and are just added
         self.exact_sum = dtype == torch.float32
         plane = int(np.prod([int(n) for n in shape[1:]]))
         self.rows_per_slab = max(1, SLAB_BYTES // (4 * max(outputs.num_classes, outputs.channels) * plane))
-        self.device = self.sum.device
         self.first_open = 0  # rows before it are finished and handed out
 
     def _pieces(self, start: int, stop: int) -> list[tuple[slice, slice]]:
@@ -153,31 +143,44 @@ class _Ring:
         return pieces
 
     def add(self, tile: torch.Tensor, box: tuple[slice, ...]) -> None:
+        """Add one tile's mean output (channels, *window), weighted, at `box` of the padded volume."""
+        weighted = tile * (self.weight if self.exact_sum else self._normalised(box))
         for ring_rows, local in self._pieces(box[0].start, box[0].stop):
-            self.sum[(slice(None), ring_rows, *box[1:])] += tile[:, local]
+            self.sum[(slice(None), ring_rows, *box[1:])] += weighted[:, local]
 
-    def finish_rows_before(self, row: int, sums: list[torch.Tensor], inner: tuple[slice, ...]) -> Iterator[Slab]:
+    def _normalised(self, box: tuple[slice, ...]) -> torch.Tensor:
+        """The tile's weights divided by the summed weight of every voxel they cover (separable): contributions
+        that add up to the blended value itself, all of its order of magnitude, so a float16 sum neither
+        underflows at the tile borders (Gaussian weights reach 1e-9 in the corners) nor overflows."""
+        total = torch.ones((), dtype=self.weight.dtype, device=self.device)
+        for dim, (axis_sum, part) in enumerate(zip(self.sums, box)):
+            view = [1] * len(box)
+            view[dim] = -1
+            total = total * axis_sum[part].to(self.device).reshape(view)
+        return self.weight / total
+
+    def finish_rows_before(self, row: int) -> Iterator[Slab]:
         """Hand out rows first_open..row-1 (of those inside the unpadded volume) and clear them, a few
         rows per slab (SLAB_BYTES of logits at most, one row at least)."""
         for start in range(self.first_open, row, self.rows_per_slab):
-            yield from self._finish(start, min(start + self.rows_per_slab, row), sums, inner)
+            yield from self._finish(start, min(start + self.rows_per_slab, row))
         self.first_open = max(row, self.first_open)
 
-    def _finish(self, start: int, stop: int, sums: list[torch.Tensor], inner: tuple[slice, ...]) -> Iterator[Slab]:
+    def _finish(self, start: int, stop: int) -> Iterator[Slab]:
         pieces = self._pieces(start, stop)
         block = torch.cat([self.sum[:, ring_rows] for ring_rows, _ in pieces], dim=1).float()
         for ring_rows, _ in pieces:
             self.sum[:, ring_rows] = 0
-        for dim, total in enumerate(sums if self.exact_sum else []):
+        for dim, total in enumerate(self.sums if self.exact_sum else []):
             view = [1] * block.ndim
             view[dim + 1] = -1
             part = total[start:stop] if dim == 0 else total
             block /= part.to(block.device).reshape(view)
-        first, end, _ = inner[0].indices(self.shape0)
+        first, end, _ = self.inner[0].indices(self.shape0)
         low, high = max(start, first), min(stop, end)
         if low < high:
             rows = slice(low - start, high - start)
-            logits = self.outputs.to_logits(block[(slice(None), rows, *inner[1:])])
+            logits = self.outputs.to_logits(block[(slice(None), rows, *self.inner[1:])])
             yield Slab(low - first, high - first, logits.cpu())
 
 

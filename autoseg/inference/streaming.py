@@ -6,7 +6,7 @@ the cropped input grid (`RowResampler`: only the input rows a slab of output row
 the label with a running argmax (or sigmoid > 0.5 per region), then drops the input rows no later
 output row needs. What is held at once: the open rows of the window, a few slabs of logits, and the
 label map of the input's size (uint8), so a 100-class whole-body CT never holds a 100-class volume.
-The labels equal those of `restore_prediction` on the whole logit volume (tests) where `exact`
+The labels equal those of `restore_prediction` on the whole logit volume (tests) where `streamed_export_is_exact`
 (linear probability resampling, nnU-Net's and autoseg's default; see autoseg.preprocessing.resample_rows).
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from autoseg.inference.export import LabelSemantics, logits_to_probabilities
+from autoseg.inference.export import LabelSemantics, decide_labels, label_dtype, logits_to_probabilities
 from autoseg.inference.probability_file import ProbabilityFile
 from autoseg.planning.contract import Configuration, Plans
 from autoseg.preprocessing.contract import CaseProperties
@@ -27,6 +27,12 @@ from autoseg.preprocessing.resample_rows import RowResampler
 OUTPUT_ROWS_PER_STEP = 8
 #: With probabilities, every class of a step's rows is held at once: at most this many bytes (one row at least).
 ALL_CLASSES_BYTES = 128 * 2**20
+
+
+def streamed_export_is_exact(grid_shape: Sequence[int], properties: CaseProperties, config: Configuration) -> bool:
+    """Whether the row-by-row export gives the whole-volume export's labels (RowResampler.is_exact)."""
+    return RowResampler.is_exact(grid_shape, properties.shape_after_crop, order=config.resampling.order_probabilities,
+                                 separate_axis=resampling_axis(properties, config))
 
 
 class StreamedLabels:
@@ -44,9 +50,7 @@ class StreamedLabels:
         resampling = config.resampling
         self.resampler = RowResampler(grid_shape, properties.shape_after_crop, order=resampling.order_probabilities,
                                       order_z=resampling.order_z, separate_axis=resampling_axis(properties, config))
-        self.exact = self.resampler.exact
-        largest = max(semantics.region_values) if semantics.region_values else num_classes - 1
-        self.labels = np.zeros(properties.shape_after_crop, dtype=np.uint8 if largest < 256 else np.int16)
+        self.labels = np.zeros(properties.shape_after_crop, dtype=label_dtype(num_classes, semantics))
         self.held: list[tuple[int, np.ndarray]] = []  # (first row, logits (c, rows, y, x)) not yet released
         self.received = 0  # input rows 0..received-1 have arrived
         self.done = 0  # output rows 0..done-1 are decided
@@ -94,35 +98,11 @@ class StreamedLabels:
         self.held = kept
 
     def _decide(self, block: np.ndarray, low: int, start: int, stop: int) -> np.ndarray:
-        """Labels of output rows start..stop-1, class by class (running argmax, or regions in order)."""
-        resample = self.resampler.resample
+        """Labels of output rows start..stop-1, class by class (see decide_labels); with a probability file,
+        every class of the rows at once, so that their probabilities can be written first."""
+        channels = (self.resampler.resample(channel, low, start, stop) for channel in block)
         if self.probabilities is not None:
-            return self._decide_with_probabilities(block, low, start, stop)
-        if self.semantics.is_regions:
-            assert self.semantics.region_values is not None
-            out = np.zeros((stop - start, *self.labels.shape[1:]), dtype=self.labels.dtype)
-            for channel, value in zip(block, self.semantics.region_values):
-                out[resample(channel, low, start, stop) > 0] = value
-            return out
-        best = resample(block[0], low, start, stop)  # ties go to the lower class, as argmax
-        labels = np.zeros(best.shape, dtype=self.labels.dtype)
-        for index in range(1, block.shape[0]):
-            candidate = resample(block[index], low, start, stop)
-            labels[candidate > best] = index
-            np.maximum(best, candidate, out=best)
-        return labels
-
-    def _decide_with_probabilities(self, block: np.ndarray, low: int, start: int, stop: int) -> np.ndarray:
-        """As _decide, with every class of the rows at once, so their probabilities can be written."""
-        assert self.probabilities is not None
-        logits = np.stack([self.resampler.resample(channel, low, start, stop) for channel in block])
-        probabilities = logits_to_probabilities(logits, self.semantics)
-        if self.semantics.is_regions:  # as _decide: logit > 0, regions in order
-            assert self.semantics.region_values is not None
-            labels = np.zeros(logits.shape[1:], dtype=self.labels.dtype)
-            for channel, value in zip(logits, self.semantics.region_values):
-                labels[channel > 0] = value
-        else:
-            labels = logits.argmax(axis=0).astype(self.labels.dtype)
-        self.probabilities.write_rows(start, probabilities)
-        return labels
+            logits = np.stack(list(channels))
+            self.probabilities.write_rows(start, logits_to_probabilities(logits, self.semantics))
+            channels = iter(logits)
+        return decide_labels(channels, self.semantics, self.labels.dtype)

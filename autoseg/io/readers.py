@@ -27,6 +27,16 @@ def file_ending(path: str | Path) -> str:
     return next((e for e in SUPPORTED_ENDINGS if name.endswith(e)), "")
 
 
+def find_case_file(folder: str | Path, case_id: str, ending: str = "") -> Path | None:
+    """CASE<ending> in `folder`, `ending` tried first and then every supported one; None if there is none
+    (a label or prediction may be saved in another format than the scan)."""
+    for candidate in dict.fromkeys((ending, *SUPPORTED_ENDINGS) if ending else SUPPORTED_ENDINGS):
+        path = Path(folder) / f"{case_id}{candidate}"
+        if path.is_file():
+            return path
+    return None
+
+
 def read_header(path: str | Path) -> tuple[Geometry, int]:
     """Geometry and number of pixel components, without reading the voxels."""
     path = Path(path)

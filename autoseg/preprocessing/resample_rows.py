@@ -28,12 +28,18 @@ class RowResampler:
         self.axis = separate_axis
         self.steps, self.first, self.last = _plan_steps(self.shape, self.new_shape, order, order_z, separate_axis)
         self.row_step = next((i for i, (a, _, _) in enumerate(self.steps) if a == 0), None)
-        #: rows give the whole-volume result: no range clip that spans axis 0 (see the module's docstring)
-        self.exact = order <= 1 or self.first < 0 or separate_axis == 0
+        self.exact = self.is_exact(self.shape, self.new_shape, order=order, separate_axis=separate_axis)
         low, high = self._taps()
         # monotone envelopes: rows a..b-1 need input rows low[a]..high[b-1]-1
         self.low = np.minimum.accumulate(low[::-1])[::-1]
         self.high = np.maximum.accumulate(high)
+
+    @staticmethod
+    def is_exact(shape: Sequence[int], new_shape: Sequence[int], *, order: int, separate_axis: int | None) -> bool:
+        """Rows give the whole-volume result: no range clip that spans axis 0 (see the module's docstring),
+        i.e. linear in-plane interpolation, no in-plane axis resized, or axis 0 the separate axis."""
+        in_plane_resized = any(int(shape[a]) != int(new_shape[a]) for a in range(len(shape)) if a != separate_axis)
+        return order <= 1 or not in_plane_resized or separate_axis == 0
 
     def _taps(self) -> tuple[np.ndarray, np.ndarray]:
         """First and one-past-last input row each output row reads along axis 0."""
