@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 
 from autoseg import __version__
 from autoseg.errors import AutosegError, SettingsError
@@ -51,6 +52,8 @@ BudgetOpt = Annotated[float, typer.Option("--gpu-memory-gb", min=1.0, help="GPU 
 
 
 def _console(stderr: bool = False):
+    """A console that prints text as it is: paths and messages may hold brackets (scan[1].nii.gz,
+    "autoseg[openvino]") that rich markup would eat. Styled lines pass markup=True and escape() their values."""
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False)
@@ -76,9 +79,9 @@ def guarded(func: F) -> F:
                 raise
             where = f"{err.path}: " if err.path else ""
             console = _console(stderr=True)
-            console.print(f"[bold red]error:[/] {where}{err.message}", soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(where + err.message)}", soft_wrap=True, markup=True)
             if err.hint:
-                console.print(f"[bold]fix:[/] {err.hint}", soft_wrap=True)
+                console.print(f"[bold]fix:[/] {escape(err.hint)}", soft_wrap=True, markup=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -176,15 +179,15 @@ def check_command(ctx: typer.Context, dataset: DatasetArg, workers: WorkersOpt =
     console = _console()
     for problem in problems:
         colour = "red" if problem.severity == "error" else "yellow"
-        console.print(f"[{colour}]{problem.severity}[/] {problem.path}: {problem.fault}\n"
-                      f"      fix: {problem.fix}", soft_wrap=True)
+        console.print(f"[{colour}]{problem.severity}[/] {escape(f'{problem.path}: {problem.fault}')}\n"
+                      f"      fix: {escape(problem.fix)}", soft_wrap=True, markup=True)
     errors = sum(p.severity == "error" for p in problems)
     warnings = len(problems) - errors
     if errors:
-        console.print(f"[bold red]{location.name}: {errors} error(s), {warnings} warning(s)[/]")
+        console.print(f"[bold red]{escape(location.name)}: {errors} error(s), {warnings} warning(s)[/]", markup=True)
         raise typer.Exit(1)
     n_cases = len(api.load(location.raw).cases)
-    console.print(f"[bold green]{location.name}: OK[/] - {n_cases} cases, {warnings} warning(s)")
+    console.print(f"[bold green]{escape(location.name)}: OK[/] - {n_cases} cases, {warnings} warning(s)", markup=True)
 
 
 @app.command("fingerprint")
@@ -228,7 +231,7 @@ def plan_command(
     table, notes = plans_table(plans)
     console.print(table)
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True, markup=True)
 
 
 @app.command("networks")
@@ -249,7 +252,7 @@ def _print_networks(dataset: str | None, gpu_memory_gb: float, workers: int) -> 
     from autoseg.cli_tables import network_lines
 
     for line in network_lines(api.networks(dataset, memory_budget_gb=gpu_memory_gb, workers=workers)):
-        _console().print(line, soft_wrap=True, markup=False)
+        _console().print(line, soft_wrap=True)
 
 
 @app.command("preprocess", context_settings={"allow_extra_args": True})

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from autoseg.cli import DatasetArg, PartOpt, WorkersOpt, _console, app, guarded
 from autoseg.errors import SettingsError
@@ -44,7 +45,7 @@ def predict_command(
         "(AVX512-BF16/AMX, see `autoseg env`), output changes slightly."))] = "auto",
     cpu_bf16: Annotated[bool, typer.Option("--cpu-bf16", help="Same as --precision bf16 on CPU.")] = False,
     engine: Annotated[str, typer.Option("--engine", help=(
-        "torch, openvino, onnxruntime (CPU engines: pip install \"autoseg[openvino]\" / \"autoseg[onnx]\"), or "
+        "torch, openvino, onnxruntime (CPU engines: pip install \"autoseg\\[openvino]\" / \"autoseg\\[onnx]\"), or "
         "auto: the fastest installed engine that reproduces torch's output on this model, else torch. "
         "See docs/inference.md."))] = "torch",
     accumulator: Annotated[str, typer.Option("--accumulator", help=(
@@ -80,7 +81,8 @@ def predict_command(
     console.print(f"{len(report.written)} written, {len(report.skipped)} already there, {len(report.failed)} failed "
                   f"-> {output}", soft_wrap=True)
     for case_id, message in report.failed.items():
-        _console(stderr=True).print(f"[bold red]failed:[/] {case_id}: {message}", soft_wrap=True)
+        _console(stderr=True).print(f"[bold red]failed:[/] {escape(f'{case_id}: {message}')}", soft_wrap=True,
+                                    markup=True)
     if report.failed:
         raise typer.Exit(1)
 
@@ -203,7 +205,7 @@ def find_best_command(
     names = list(configurations or []) + list(ctx.args) or None  # nnU-Net style lists: -c 2d 3d_fullres
     choice = api.find_best(dataset, configurations=names, allow_ensembles=ensembles, workers=workers,
                            plans_names=plans_names)
-    _console().print(inference_instructions(choice), soft_wrap=True, markup=False)
+    _console().print(inference_instructions(choice), soft_wrap=True)
 
 
 @app.command("compare")

@@ -78,10 +78,10 @@ def install_model_command(
         where = (f"-d {installed.manifest.dataset} -c {model.configuration}" + ("" if plans == "autoseg" else
                  f" -p {plans}") if in_default_root else f"-m {installed.results / model.folder}")
         console.print(f"  autoseg predict -i INPUT -o OUTPUT {where} --checkpoint {installed.manifest.checkpoint}",
-                      soft_wrap=True, markup=False)
+                      soft_wrap=True)
     if installed.postprocessing is not None:
         console.print(f"  autoseg postprocess -i OUTPUT -o OUTPUT_PP --rules {installed.postprocessing}",
-                      soft_wrap=True, markup=False)
+                      soft_wrap=True)
 
 
 @app.command("import-nnunet", context_settings={"allow_extra_args": True})
@@ -118,12 +118,12 @@ def import_nnunet_command(
     console = _console()
     axes = " ".join(map(str, imported.mirror_axes)) or "none"
     console.print(f"wrote {imported.folder} ({imported.trainer}, folds {' '.join(imported.folds)}, test-time "
-                  f"mirroring over axes {axes})", soft_wrap=True, markup=False)
+                  f"mirroring over axes {axes})", soft_wrap=True)
     console.print(f"  autoseg predict -i INPUT -o OUTPUT -m {imported.folder} --checkpoint {imported.checkpoint}",
-                  soft_wrap=True, markup=False)
+                  soft_wrap=True)
     if imported.postprocessing is not None:
         console.print(f"  autoseg postprocess -i OUTPUT -o OUTPUT_PP --rules {imported.postprocessing}",
-                      soft_wrap=True, markup=False)
+                      soft_wrap=True)
 
 
 @app.command("export-onnx")
@@ -149,7 +149,7 @@ def export_onnx_command(
 
     The graph is the network only: preprocessing (resampling, normalisation), the sliding window and
     the export to the scan's geometry stay in autoseg; OUTPUT.json records what a deployment must do.
-    Needs onnx and onnxruntime: pip install -e ".[onnx]" in the autoseg checkout.
+    Needs onnx and onnxruntime: pip install -e ".\\[onnx]" in the autoseg checkout.
     Example: autoseg export-onnx -d 4 -c 3d_fullres -f 0 -o hippocampus_fold0.onnx
     """
     from autoseg import api
@@ -158,7 +158,7 @@ def export_onnx_command(
                                checkpoint=checkpoint, plans_name=plans_name, opset=opset, check=check)
     checked = "not checked" if exported.max_abs_diff is None else f"max |onnx - torch| {exported.max_abs_diff:.2e}"
     _console().print(f"wrote {exported.path} (opset {exported.opset}, input {exported.input_name} "
-                     f"{tuple(exported.input_shape)}, {checked})", soft_wrap=True, markup=False)
+                     f"{tuple(exported.input_shape)}, {checked})", soft_wrap=True)
     _console().print(f"preprocessing and labels: {exported.sidecar}", soft_wrap=True)
 
 

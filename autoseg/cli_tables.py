@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 from rich.table import Table
+from rich.text import Text
 
 from autoseg.evaluation.contract import EvaluationSummary
 from autoseg.fingerprint.contract import Fingerprint
@@ -79,7 +80,7 @@ def environment_table(report: EnvironmentReport) -> Table:
     table.add_row("autoseg", report.autoseg)
     table.add_row("python", f"{report.python} on {report.platform}")
     for name, version in report.packages.items():
-        table.add_row(name, version or "[dim]not installed[/]")
+        table.add_row(name, version or Text("not installed", style="dim"))
     table.add_row("torch CUDA build", report.torch_cuda or "none (CPU build)")
     table.add_row("cuDNN", str(report.cudnn) if report.cudnn else "-")
     for gpu in report.gpus:
@@ -92,12 +93,13 @@ def environment_table(report: EnvironmentReport) -> Table:
     bf16 = [flag for flag, present in (("AVX512-BF16", cpu.avx512_bf16), ("AMX-BF16", cpu.amx_bf16)) if present]
     table.add_row("CPU", f"{cpu.name}; native bf16: {', '.join(bf16) if bf16 else 'no'}")
     table.add_row("--precision auto on CPU", cpu_auto_precision(cpu.native_bf16))
-    table.add_row("inference engines", ", ".join(f"{name} {version}" if version else f"{name} [dim](not installed)[/]"
-                                                 for name, version in report.engines.items()))
+    engines = [Text(f"{name} {version}") if version else Text.assemble(name, (" (not installed)", "dim"))
+               for name, version in report.engines.items()]
+    table.add_row("inference engines", Text(", ").join(engines))
     for setting in report.paths:
         source = f"from {setting.variable}" if setting.variable else "default: variable not set"
-        missing = "" if setting.exists else ", [yellow]missing[/]"
-        table.add_row(f"{setting.kind} root", f"{setting.path} ({source}{missing})")
+        missing = ("", "") if setting.exists else (", missing", "yellow")
+        table.add_row(f"{setting.kind} root", Text.assemble(f"{setting.path} ({source}", missing, ")"))
     for name, value in report.job.items():
         table.add_row(name, value)
     return table

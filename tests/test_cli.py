@@ -22,6 +22,45 @@ def test_help_teaches_the_flow() -> None:
     assert "AUTOSEG_RAW" in result.output and "train" in result.output
 
 
+def _help_texts(command, path: str = "autoseg"):
+    yield path, command.help or ""
+    for parameter in command.params:
+        yield f"{path} {parameter.name}", getattr(parameter, "help", None) or ""
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _help_texts(sub, f"{path} {name}")
+
+
+def test_help_texts_keep_their_brackets() -> None:
+    """Help is rendered as rich markup: an unescaped [openvino] would vanish from `pip install "autoseg[openvino]"`."""
+    import re
+
+    import typer.main
+
+    rich_tag = re.compile(r"(?<!\\)\[[a-z#/@][^\[]*?\]")
+    eaten = [(where, tag.group()) for where, text in _help_texts(typer.main.get_command(app))
+             for tag in rich_tag.finditer(text)]
+    assert eaten == []
+    shown = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "400"})
+    assert 'autoseg[openvino]' in shown.output
+
+
+def test_error_hints_keep_their_brackets(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from autoseg.cli import guarded
+    from autoseg.errors import SettingsError
+
+    @guarded
+    def failing() -> None:
+        raise SettingsError("engine openvino is not installed", path="/data/scan[1].nii.gz",
+                            hint='pip install "autoseg[openvino]"')
+
+    with pytest.raises(typer.Exit):
+        failing()
+    printed = capsys.readouterr().err
+    assert "/data/scan[1].nii.gz" in printed and 'pip install "autoseg[openvino]"' in printed
+
+
 def test_example_check_fingerprint_plan(roots: Path) -> None:
     made = runner.invoke(app, ["example-dataset", "--cases", "3", "--size", "32"])
     assert made.exit_code == 0, made.output
