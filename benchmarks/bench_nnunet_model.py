@@ -120,8 +120,8 @@ def agreement(outputs: dict[str, Path], cases: list[str], raw: Path, classes: in
     (mean over cases), and whether every output's geometry equals its input's."""
     from autoseg.io.readers import read_header, read_label
 
-    stats = {tool: {"differing": 0, "between": [[] for _ in range(classes)], "truth": [[] for _ in range(classes)],
-                    "geometry_ok": True} for tool in outputs}
+    stats = {tool: {"differing": 0, "differing_from_autoseg": 0, "between": [[] for _ in range(classes)],
+                    "truth": [[] for _ in range(classes)], "geometry_ok": True} for tool in outputs}
     voxels = 0
     for case in cases:
         reference, _ = read_label(raw / DATASET / "labelsTr" / f"{case}.nii.gz")
@@ -133,11 +133,13 @@ def agreement(outputs: dict[str, Path], cases: list[str], raw: Path, classes: in
             entry["geometry_ok"] &= (geometry.shape == image_geometry.shape
                                      and max(geometry.differences(image_geometry).values()) < 1e-4)
             entry["differing"] += int((label != labels["nnunet"][0]).sum())
+            entry["differing_from_autoseg"] += int((label != labels["autoseg"][0]).sum()) if "autoseg" in labels else 0
             for c in range(1, classes + 1):
                 entry["between"][c - 1].append(dice(label == c, labels["nnunet"][0] == c))
                 entry["truth"][c - 1].append(dice(label == c, reference == c))
     mean = lambda values: [round(float(np.mean(v)), 4) for v in values]  # noqa: E731
     return {"voxels": voxels, **{tool: {"voxels_differing": e["differing"], "agreement": 1 - e["differing"] / voxels,
+                                        "agreement_with_autoseg": 1 - e["differing_from_autoseg"] / voxels,
                                         "dice_with_nnunet": mean(e["between"]), "dice_vs_truth": mean(e["truth"]),
                                         "geometry_equals_input": e["geometry_ok"]} for tool, e in stats.items()}}
 
@@ -165,8 +167,8 @@ def run_compare(args: argparse.Namespace) -> None:
 
 def table(runs: list[dict]) -> str:
     lines = ["| TTA | cases | tool | seconds (runs) | speed-up vs nnU-Net (best/best) | voxels differing from "
-             "nnU-Net's | agreement | Dice with nnU-Net's (per class) | Dice vs truth (per class) | geometry = input |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "nnU-Net's | agreement with nnU-Net | agreement with autoseg fp32 | Dice with nnU-Net's (per class) | "
+             "Dice vs truth (per class) | geometry = input |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in (r for r in runs if r["task"] == "compare"):
         best_nnunet = min(run["seconds"]["nnunet"])
         for tool, seconds in run["seconds"].items():
@@ -175,7 +177,8 @@ def table(runs: list[dict]) -> str:
             lines.append(
                 f"| {'8 flips' if run['tta'] else 'off'} | {run['cases']} | {name} | {', '.join(map(str, seconds))} "
                 f"| **{best_nnunet / min(seconds):.2f}x** | {row['voxels_differing']:,} of {run['voxels']:,} | "
-                f"{100 * row['agreement']:.3f} % | {' / '.join(map(str, row['dice_with_nnunet']))} | "
+                f"{100 * row['agreement']:.3f} % | {100 * row.get('agreement_with_autoseg', 1):.3f} % | "
+                f"{' / '.join(map(str, row['dice_with_nnunet']))} | "
                 f"{' / '.join(map(str, row['dice_vs_truth']))} | {'yes' if row['geometry_equals_input'] else 'NO'} |")
     return "\n".join(lines)
 
