@@ -82,6 +82,33 @@ def test_parts_predict_disjoint_shares_and_a_last_whole_run_only_checks(model: M
     assert last.skipped == ["test_000", "test_001"] and not last.written and not last.failed
 
 
+def test_a_rerun_with_every_case_written_reads_no_checkpoint(model: ModelFolder, example_dataset: Path,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final check after a `--part` array must not load five folds' weights only to skip every case."""
+    import autoseg.inference.predictor as predictor_module
+
+    options = PredictOptions(folds=("0",), tta=False)
+    predict_folder(Predictor.from_folder(model.root, options), example_dataset / "imagesTs", tmp_path)
+    loads: list[str] = []
+    real_load = predictor_module.load_fold_network
+    monkeypatch.setattr(predictor_module, "load_fold_network", lambda *a, **k: loads.append(a[1]) or real_load(*a, **k))
+    checked = predict_folder(Predictor.from_folder(model.root, options), example_dataset / "imagesTs", tmp_path)
+    assert checked.skipped == ["test_000", "test_001"] and loads == []
+    (tmp_path / "test_001.nii.gz").unlink()
+    redone = predict_folder(Predictor.from_folder(model.root, options), example_dataset / "imagesTs", tmp_path)
+    assert redone.written == ["test_001"] and loads == ["0"]
+
+
+def test_a_broken_checkpoint_is_one_error_not_a_failure_per_case(model: ModelFolder, example_dataset: Path,
+                                                                 tmp_path: Path) -> None:
+    broken = tmp_path / "model" / model.root.name
+    shutil.copytree(model.root, broken)
+    (broken / "fold_0" / "checkpoint_final.pt").write_bytes(b"not a checkpoint")
+    predictor = Predictor.from_folder(broken, PredictOptions(folds=("0",), tta=False))
+    with pytest.raises(CheckpointError):
+        predict_folder(predictor, example_dataset / "imagesTs", tmp_path / "out")
+
+
 OBLIQUE = (0.0, -1.0, 0.0, 0.8, 0.0, -0.6, 0.6, 0.0, 0.8)  # rotated and with a flipped axis (not RAS)
 
 

@@ -10,7 +10,7 @@ autoseg.inference.engines).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,15 +77,38 @@ class PredictOptions:
 class Predictor:
     """Networks of one configuration (one per fold) and what is needed to use them."""
 
-    def __init__(self, networks: Sequence[nn.Module], *, plans: Plans, config: Configuration, dataset: Dataset,
-                 window: WindowSettings, device: torch.device, amp: torch.dtype | None,
-                 source: Path | None = None, folds: tuple[str, ...] = ()) -> None:
-        self.networks = list(networks)
+    def __init__(self, networks: Sequence[nn.Module] | None, *, plans: Plans, config: Configuration,
+                 dataset: Dataset, window: WindowSettings | None, device: torch.device, amp: torch.dtype | None,
+                 source: Path | None = None, folds: tuple[str, ...] = (),
+                 loader: Callable[[], tuple[list[nn.Module], WindowSettings]] | None = None) -> None:
+        """`networks` and `window` may be None with a `loader` that returns them: the weights are then read on
+        first use (`load()`), so a rerun whose cases are all written already never reads a checkpoint."""
+        if networks is None and loader is None:
+            raise ValueError("Predictor needs networks and a window, or a loader")
+        self._networks = None if networks is None else list(networks)
+        self._window, self._loader = window, loader
         self.source, self.folds = source, folds
         self.plans, self.config, self.dataset = plans, config, dataset
         self.semantics = LabelSemantics.from_dataset(dataset)
-        self.window, self.device, self.amp = window, device, amp
+        self.device, self.amp = device, amp
         self.previous: PreviousStage | None = previous_stage(config, dataset)
+
+    def load(self) -> None:
+        """Read and prepare the networks now (checkpoint errors surface here, once, not per case)."""
+        if self._networks is None:
+            assert self._loader is not None
+            self._networks, self._window = self._loader()
+
+    @property
+    def networks(self) -> list[nn.Module]:
+        self.load()
+        return self._networks  # type: ignore[return-value]
+
+    @property
+    def window(self) -> WindowSettings:
+        if self._window is None:
+            self.load()
+        return self._window  # type: ignore[return-value]
 
     @classmethod
     def from_folder(cls, folder: str | Path, options: PredictOptions | None = None) -> Predictor:
@@ -106,21 +129,25 @@ class Predictor:
         spec = CompileSpec(patch=tuple(config.patch_size), in_channels=network_in_channels(plans, config, dataset),
                            tiles=tiles, precision="bf16" if amp == torch.bfloat16 and device.type == "cpu" else "fp32",
                            threads=torch.get_num_threads())
-        networks, mirror_axes = [], None
-        for fold in folds:
-            network, axes = load_fold_network(model, fold, checkpoint, plans, config, dataset)
-            networks.append(prepare_network(network.to(device), engine=options.engine, spec=spec, device=device,
-                                            checkpoint=model.checkpoint(fold, checkpoint)))
-            mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in axes)
-        window = WindowSettings(patch=tuple(config.patch_size), step=options.step_size,
-                                mirror_axes=tuple(mirror_axes or ()) if options.tta else (), tiles_per_batch=tiles,
-                                accumulator=check_accumulator(options.accumulator))
-        engines = sorted({getattr(network, "engine", "torch") for network in networks})
-        log.info("loaded %s (folds %s) on %s with the %s engine; test-time mirroring over axes %s",
-                 model.root.name, ", ".join(folds), device, "/".join(engines), window.mirror_axes or "none")
-        return cls(networks, plans=plans, config=config, dataset=dataset, window=window, device=device,
-                   amp=amp,
-                   source=model.root.resolve(), folds=tuple(folds))
+        accumulator = check_accumulator(options.accumulator)
+
+        def load_networks() -> tuple[list[nn.Module], WindowSettings]:
+            networks, mirror_axes = [], None
+            for fold in folds:
+                network, axes = load_fold_network(model, fold, checkpoint, plans, config, dataset)
+                networks.append(prepare_network(network.to(device), engine=options.engine, spec=spec, device=device,
+                                                checkpoint=model.checkpoint(fold, checkpoint)))
+                mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in axes)
+            window = WindowSettings(patch=tuple(config.patch_size), step=options.step_size,
+                                    mirror_axes=tuple(mirror_axes or ()) if options.tta else (),
+                                    tiles_per_batch=tiles, accumulator=accumulator)
+            engines = sorted({getattr(network, "engine", "torch") for network in networks})
+            log.info("loaded %s (folds %s) on %s with the %s engine; test-time mirroring over axes %s",
+                     model.root.name, ", ".join(folds), device, "/".join(engines), window.mirror_axes or "none")
+            return networks, window
+
+        return cls(None, plans=plans, config=config, dataset=dataset, window=None, device=device, amp=amp,
+                   source=model.root.resolve(), folds=tuple(folds), loader=load_networks)
 
     @property
     def num_channels(self) -> int:

@@ -125,6 +125,8 @@ def predict_folder(
             todo.append((case, target))
     if report.skipped:
         log.info("%d case(s) already predicted in %s (pass --overwrite to redo them)", len(report.skipped), output)
+    if todo:
+        predictor.load()  # a checkpoint that cannot be read is one error, not one failure per case
     with ThreadPoolExecutor(1, thread_name_prefix="autoseg-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="autoseg-write") as writer:
         pending: list[tuple[str, Future[None]]] = []
