@@ -56,7 +56,7 @@ def _console(stderr: bool = False):
     "autoseg[openvino]") that rich markup would eat. Styled lines pass markup=True and escape() their values."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, markup=False)
 
 
 def guarded(func: F) -> F:

@@ -59,6 +59,14 @@ def test_error_hints_keep_their_brackets(capsys: pytest.CaptureFixture[str]) -> 
         failing()
     printed = capsys.readouterr().err
     assert "/data/scan[1].nii.gz" in printed and 'pip install "autoseg[openvino]"' in printed
+    assert printed.startswith("error: ") and "[bold" not in printed  # the style itself is still markup
+
+
+def test_plain_output_lines_keep_their_brackets(capsys: pytest.CaptureFixture[str]) -> None:
+    from autoseg.cli import _console
+
+    _console().print('wrote /data/out[1]/model.zip; pip install "autoseg[openvino]"', soft_wrap=True)
+    assert capsys.readouterr().out.strip() == 'wrote /data/out[1]/model.zip; pip install "autoseg[openvino]"'
 
 
 def test_example_check_fingerprint_plan(roots: Path) -> None:

@@ -112,7 +112,8 @@ class Predictor:
 
     @classmethod
     def from_folder(cls, folder: str | Path, options: PredictOptions | None = None) -> Predictor:
-        """Load a model folder (`<results>/<dataset>/<configuration>__<plans>`) for prediction."""
+        """Open a model folder (`<results>/<dataset>/<configuration>__<plans>`) for prediction: plans, labels
+        and folds now, the weights on first use (`load()`)."""
         options = options or PredictOptions()
         model = ModelFolder(Path(folder))
         plans = model.load_plans()
