@@ -111,8 +111,10 @@ def commands(args: argparse.Namespace, inputs: Path, output: Path, tool: str, tt
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    """autoseg evaluate's Dice (NaN when both masks are empty, left out of the means)."""
+    from autoseg.evaluation.metrics import confusion_counts, dice_score
+
+    return dice_score(confusion_counts(a, b))
 
 
 def agreement(outputs: dict[str, Path], cases: list[str], raw: Path, classes: int) -> dict:
@@ -137,7 +139,7 @@ def agreement(outputs: dict[str, Path], cases: list[str], raw: Path, classes: in
             for c in range(1, classes + 1):
                 entry["between"][c - 1].append(dice(label == c, labels["nnunet"][0] == c))
                 entry["truth"][c - 1].append(dice(label == c, reference == c))
-    mean = lambda values: [round(float(np.mean(v)), 4) for v in values]  # noqa: E731
+    mean = lambda values: [round(float(np.nanmean(v)), 4) for v in values]  # noqa: E731
     return {"voxels": voxels, **{tool: {"voxels_differing": e["differing"], "agreement": 1 - e["differing"] / voxels,
                                         "agreement_with_autoseg": 1 - e["differing_from_autoseg"] / voxels,
                                         "dice_with_nnunet": mean(e["between"]), "dice_vs_truth": mean(e["truth"]),

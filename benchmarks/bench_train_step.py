@@ -92,18 +92,16 @@ def main() -> None:
     args = parser.parse_args()
     checkout = str(Path(__file__).resolve().parents[1])
     variants = {name: v for name, v in VARIANTS.items() if v[0] == "autoseg" or args.nnunet_python}
-    rows: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_index in range(args.rounds):
         for name in list(variants) if round_index % 2 == 0 else reversed(list(variants)):
             kind, tuned, precision = variants[name]
             python = str(args.nnunet_python) if kind == "nnunet" else sys.executable
             out = subprocess.run([python, "-c", PROGRAM, str(args.dataset), str(args.iterations), tuned, precision,
                                   kind, checkout], capture_output=True, text=True, check=True).stdout
-            row = json.loads(out.strip().splitlines()[-1])
-            if name not in rows or row["seconds"] < rows[name]["seconds"]:
-                rows[name] = {**row, "runs": rows.get(name, {}).get("runs", []) + [round(row["seconds"], 2)]}
-            else:
-                rows[name]["runs"].append(round(row["seconds"], 2))
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+    rows = {name: {**min(done, key=lambda run: run["seconds"]), "runs": [round(run["seconds"], 2) for run in done]}
+            for name, done in runs.items()}
     first = next(iter(rows.values()))
     print(f"3d_fullres patch {first['patch']}, batch {first['batch']}, {first['threads']} torch threads, "
           f"{args.iterations} iterations per run, {args.rounds} round(s)\n")
