@@ -4,7 +4,7 @@
 axis can be exported while it arrives: output rows a..b-1 of the first axis read only the input rows
 their interpolation taps reach (`rows_needed`), so `resample` computes them from just those rows, with
 the same per-axis steps in the same order as the whole-volume resampling. Equal to it up to float32
-rounding (a matmul over fewer columns may round differently in the last bit) where `exact`: spline
+rounding (a matmul over fewer columns may round differently in the last bit) where `is_exact`: spline
 orders >= 2 in-plane clip the result to the input's range, over whole planes across axis 0 unless axis
 0 is the separate axis, and rows alone cannot know that range (linear interpolation never leaves it).
 """
@@ -28,7 +28,6 @@ class RowResampler:
         self.axis = separate_axis
         self.steps, self.first, self.last = _plan_steps(self.shape, self.new_shape, order, order_z, separate_axis)
         self.row_step = next((i for i, (a, _, _) in enumerate(self.steps) if a == 0), None)
-        self.exact = self.is_exact(self.shape, self.new_shape, order=order, separate_axis=separate_axis)
         low, high = self._taps()
         # monotone envelopes: rows a..b-1 need input rows low[a]..high[b-1]-1
         self.low = np.minimum.accumulate(low[::-1])[::-1]
