@@ -106,8 +106,9 @@ def import_nnunet_command(
 
     Read without nnunetv2 and without unpickling: plans.json, dataset.json, checkpoints loaded weights-only
     (numpy scalars allowed), postprocessing.json (never the .pkl). A network class, normalisation or
-    resampling autoseg cannot reproduce exactly is refused with its name. `autoseg predict -m FOLDER`
-    also takes the nnU-Net folder or zip directly (converted once into a cache).
+    resampling autoseg cannot reproduce exactly is refused with its name. A cascade stage
+    (3d_cascade_fullres) brings its 3d_lowres model along when that folder is beside it (or in the zip).
+    `autoseg predict -m FOLDER` also takes the nnU-Net folder or zip directly (converted once into a cache).
     Example: autoseg import-nnunet nnUNet_results/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres
     """
     from autoseg import api
@@ -119,6 +120,9 @@ def import_nnunet_command(
     axes = " ".join(map(str, imported.mirror_axes)) or "none"
     console.print(f"wrote {imported.folder} ({imported.trainer}, folds {' '.join(imported.folds)}, test-time "
                   f"mirroring over axes {axes})", soft_wrap=True)
+    if imported.previous is not None:
+        console.print(f"wrote {imported.previous.folder} (its first stage, folds {' '.join(imported.previous.folds)};"
+                      " predict runs it first)", soft_wrap=True)
     console.print(f"  autoseg predict -i INPUT -o OUTPUT -m {imported.folder} --checkpoint {imported.checkpoint}",
                   soft_wrap=True)
     if imported.postprocessing is not None:

@@ -16,6 +16,7 @@ model zip (`nnUNetv2_export_model_to_zip`) is unpacked first (`autoseg.sharing.n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -31,17 +32,17 @@ from autoseg.dataset.load import read_dataset_json
 from autoseg.log import get_logger
 from autoseg.model_folder import CHECKPOINT_NAMES, ModelFolder, network_in_channels, save_checkpoint
 from autoseg.planning.contract import Plans
-from autoseg.serialization import save_contract, write_json
+from autoseg.serialization import atomic_write, save_contract, write_json
 from autoseg.sharing.nnunet_model import NnunetModelError, check_reader, convert_plans, read_json
 from autoseg.sharing.nnunet_weights import load_nnunet_checkpoint, mirror_axes, network_state
-from autoseg.sharing.nnunet_zip import is_nnunet_zip, unpack_model, zip_dataset
+from autoseg.sharing.nnunet_zip import is_nnunet_zip, unpack_model, zip_dataset, zip_models
 
 log = get_logger("sharing")
 
 _FOLDER_NAME = re.compile(r"(?P<trainer>[^_][^/]*?)__(?P<plans>[^/]+?)__(?P<configuration>[^/_][^/]*)")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 PP_FUNCTION = "remove_all_but_largest_component_from_segmentation"
-CONVERTER_VERSION = 1  # part of the cache key: bump when the conversion changes
+CONVERTER_VERSION = 2  # part of the cache key: bump when the conversion changes
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ImportedModel:
     folds: tuple[str, ...]
     mirror_axes: tuple[int, ...]
     postprocessing: Path | None
+    previous: ImportedModel | None = None  # a cascade stage's previous stage, imported beside it
 
 
 def is_nnunet_model_folder(path: str | Path) -> bool:  # zips: nnunet_zip.is_nnunet_zip
@@ -82,14 +84,56 @@ def import_nnunet(source: str | Path, output: str | Path, *, checkpoint: str = "
     `postprocessing`: convert crossval_results_folds_*/postprocessing.json into autoseg's rules; a folder
     that has only postprocessing.pkl is refused (pickles are never read) unless this is False.
     `configuration`: which model of a zip that holds several.
+    A cascade stage (3d_cascade_fullres) brings its previous stage along when nnU-Net's folder of it is
+    beside it (<Trainer>__<Plans>__3d_lowres; in a zip, the zip's model of that configuration): both are
+    written into `output`, where `autoseg predict` finds the previous stage.
     """
     if is_nnunet_zip(source):
         with tempfile.TemporaryDirectory(prefix="autoseg-nnunet-") as unpacked:
             folder = unpack_model(Path(source), Path(unpacked), configuration)
-            return _import_folder(folder, Path(output), checkpoint=checkpoint, folds=folds,
-                                  postprocessing=postprocessing, overwrite=overwrite, origin=Path(source))
-    return _import_folder(Path(source), Path(output), checkpoint=checkpoint, folds=folds,
-                          postprocessing=postprocessing, overwrite=overwrite, origin=Path(source))
+            previous = _previous_stage_name(folder)
+            sibling = None if previous is None else _sibling_name(folder, previous)
+            if sibling is not None and any(m.endswith(f"/{sibling}") for m in zip_models(Path(source))):
+                unpack_model(Path(source), Path(unpacked), sibling)
+            return _import_with_previous(folder, Path(output), checkpoint=checkpoint, folds=folds,
+                                         postprocessing=postprocessing, overwrite=overwrite, origin=Path(source))
+    return _import_with_previous(Path(source), Path(output), checkpoint=checkpoint, folds=folds,
+                                 postprocessing=postprocessing, overwrite=overwrite, origin=Path(source))
+
+
+def _import_with_previous(root: Path, output: Path, *, origin: Path, **options: Any) -> ImportedModel:
+    """The model at `root`, and for a cascade stage its previous stage's folder beside it (every fold)."""
+    previous_name = _previous_stage_name(root)
+    sibling = None if previous_name is None else root.parent / _sibling_name(root, previous_name)
+    if sibling is not None and not sibling.is_dir():
+        log.warning("%s is a cascade stage and there is no %s beside it: import that model too (or give "
+                    "`autoseg predict --prev-stage DIR` its predictions)", root.name, sibling.name)
+        sibling = None
+    imported = _import_folder(root, output, origin=origin, **options)
+    if sibling is None:
+        return imported
+    earlier = _import_folder(sibling, output, origin=origin if origin != root else sibling,
+                             **{**options, "folds": None})
+    return dataclasses.replace(imported, previous=earlier)
+
+
+def _previous_stage_name(root: Path) -> str | None:
+    """The previous stage a cascade model folder's configuration names in its plans.json (None otherwise)."""
+    from autoseg.sharing.nnunet_model import configuration_entry
+
+    name = _name_part(root, "configuration")
+    if not name or not (root / "plans.json").is_file():
+        return None
+    plans = read_json(root / "plans.json")
+    if name not in plans.get("configurations", {}):
+        return None
+    previous = configuration_entry(plans, name, root / "plans.json").get("previous_stage")
+    return str(previous) if previous else None
+
+
+def _sibling_name(root: Path, configuration: str) -> str:
+    """The nnU-Net folder name of the same trainer and plans for another configuration."""
+    return f"{_name_part(root, 'trainer')}__{_name_part(root, 'plans')}__{configuration}"
 
 
 @dataclass(frozen=True)
@@ -184,24 +228,36 @@ def cached_import(source: str | Path, *, checkpoint: str = "final", configuratio
                   cache: Path | None = None) -> Path:
     """The autoseg model folder of the nnU-Net folder (or zip) `source` in the conversion cache, converted on
     first use; keyed by the sha256 of plans.json, dataset.json and every fold's checkpoint_<checkpoint>.pth
-    (of the zip itself for a zip)."""
+    (of the zip itself for a zip), and for a cascade stage of its previous stage's folder too. The cache
+    folder's `model` file names the converted folder to predict with (a cascade's holds two)."""
     root = Path(source)
     if is_nnunet_zip(root):
         files = [root]
     else:
-        configuration = None  # a folder holds one model
-        files = [root / "plans.json", root / "dataset.json"]
-        files += [_pth(root, fold, checkpoint) for fold in _chosen_folds(root, None, checkpoint)]
+        configuration = None  # a folder holds one model (and a cascade's previous stage is its sibling)
+        previous = _previous_stage_name(root)
+        sibling = None if previous is None else root.parent / _sibling_name(root, previous)
+        files = _model_files(root, checkpoint)
+        files += _model_files(sibling, checkpoint) if sibling is not None and sibling.is_dir() else []
     digest = hashlib.sha256(f"autoseg-nnunet-{CONVERTER_VERSION}-{checkpoint}-{configuration}".encode())
     for path in files:
         digest.update(path.name.encode() + _sha256(path).encode())
     folder = (cache or cache_root()) / digest.hexdigest()[:24]
-    done = [p for p in folder.glob("*__*") if (p / "training.json").is_file()] if folder.is_dir() else []
-    if done:
-        log.info("using the converted nnU-Net model in %s", done[0])
-        return done[0]
-    return import_nnunet(root, folder, checkpoint=checkpoint, postprocessing=False, overwrite=True,
-                         configuration=configuration).folder
+    marker = folder / "model"
+    done = folder / marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+    if done is not None and (done / "training.json").is_file():
+        log.info("using the converted nnU-Net model in %s", done)
+        return done
+    imported = import_nnunet(root, folder, checkpoint=checkpoint, postprocessing=False, overwrite=True,
+                             configuration=configuration)
+    atomic_write(marker, lambda tmp: tmp.write_text(imported.folder.name, encoding="utf-8"))
+    return imported.folder
+
+
+def _model_files(root: Path, checkpoint: str) -> list[Path]:
+    """The files of an nnU-Net model folder a conversion reads: plans, labels, the checkpoints."""
+    files = [root / "plans.json", root / "dataset.json"]
+    return files + [_pth(root, fold, checkpoint) for fold in _chosen_folds(root, None, checkpoint)]
 
 
 def default_output(source: Path) -> Path:

@@ -100,9 +100,10 @@ def _convert(plans: dict[str, Any], dataset: Dataset, configuration: str, *, pla
     check_reader({"overwrite_image_reader_writer": plans.get("image_reader_writer")}, path)
     if entry.get("preprocessor_name", "DefaultPreprocessor") != "DefaultPreprocessor":
         _refuse(f"preprocessor {entry['preprocessor_name']!r}", path, "autoseg reproduces DefaultPreprocessor only")
-    if entry.get("previous_stage"):
-        _refuse(f"cascade stage {configuration!r} (previous stage {entry['previous_stage']!r})", path,
-                "cascades are not imported yet; import the 3d_lowres or 3d_fullres model")
+    previous = entry.get("previous_stage") or None
+    if previous is not None and previous not in plans.get("configurations", {}):
+        raise NnunetModelError(f"cascade stage {configuration!r} names a previous stage {previous!r} that is not in "
+                               "the plans", path=path, hint="use the plans.json nnU-Net wrote into the model folder")
     channels = len(dataset.channel_names)
     schemes = [_scheme(name, path) for name in entry["normalization_schemes"]]
     if len(schemes) != channels or len(entry["use_mask_for_norm"]) != channels:
@@ -116,7 +117,9 @@ def _convert(plans: dict[str, Any], dataset: Dataset, configuration: str, *, pla
         batch_dice=bool(entry.get("batch_dice", False)), normalization=tuple(schemes),
         use_mask_for_norm=tuple(bool(m) for m in entry["use_mask_for_norm"]), resampling=resampling_of(entry, path),
         topology=topology, data_id=str(entry.get("data_identifier", f"{plans_name}_{configuration}")),
-        estimated_memory_gb=0.0, parameter_count=_parameter_count(topology, channels, dataset.num_classes),
+        estimated_memory_gb=0.0, previous_stage=None if previous is None else str(previous),
+        parameter_count=_parameter_count(topology, channels + (len(dataset.foreground_values) if previous else 0),
+                                         dataset.num_classes),
         receptive_field=_receptive_field(topology),
         notes=(f"imported from nnU-Net: {plans.get('plans_name', '?')} {configuration}",),
     )

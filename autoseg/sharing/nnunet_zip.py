@@ -45,6 +45,12 @@ def zip_dataset(path: str | Path) -> str:
         return _models(zipped.namelist())[0].split("/", 1)[0]
 
 
+def zip_models(path: str | Path) -> list[str]:
+    """The model folders of the zip (<dataset>/<Trainer>__<Plans>__<configuration>), sorted."""
+    with zipfile.ZipFile(path) as zipped:
+        return _models(zipped.namelist())
+
+
 def _models(names: list[str]) -> list[str]:
     return sorted({m.group("model") for name in names if (m := _KEPT.fullmatch(name)) and name.endswith("/plans.json")})
 
@@ -52,11 +58,12 @@ def _models(names: list[str]) -> list[str]:
 def unpack_model(archive: Path, target: Path, configuration: str | None = None) -> Path:
     """Unpack one model of the nnU-Net zip `archive` into `target`; returns its model folder there.
 
-    `configuration` picks the model when the zip holds several (matched against the folder name's last part).
+    `configuration` picks the model when the zip holds several: the folder name's last part, or the whole
+    folder name (<Trainer>__<Plans>__<configuration>).
     """
     with zipfile.ZipFile(archive) as zipped:
         models = _models(zipped.namelist())
-        chosen = [m for m in models if configuration is not None and m.rsplit("__", 1)[1] == configuration]
+        chosen = [m for m in models if configuration in (m.rsplit("__", 1)[1], m.rsplit("/", 1)[1])]
         if len(models) == 1:
             chosen = models
         if len(chosen) != 1:
