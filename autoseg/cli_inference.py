@@ -39,6 +39,9 @@ def predict_command(
         "Tile step as a fraction of the patch (0.5: tiles overlap by half)."))] = 0.5,
     tiles_per_batch: Annotated[int | None, typer.Option("--tiles-per-batch", min=1, help=(
         "Tiles per forward pass (default: 1 on CPU, the plan's batch size on GPU)."))] = None,
+    mirrors_per_call: Annotated[int | None, typer.Option("--mirrors-per-call", min=1, help=(
+        "Mirrored copies of the tiles per forward pass (default: on CPU as many as keep a pass under 2^20 "
+        "input voxels, e.g. all 8 for a 40x56x40 patch; 1 on GPU)."))] = None,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
     precision: Annotated[str, typer.Option("--precision", help=(
         "auto (mixed precision on CUDA, fp32 on CPU), fp32, or bf16: ~2-3x faster on CPUs with native bf16 "
@@ -73,7 +76,8 @@ def predict_command(
     fold_list = _folds(list(folds or []) + list(ctx.args))
     options = PredictOptions(folds=fold_list, checkpoint=checkpoint, device=device, tta=tta, step_size=step_size,
                              tiles_per_batch=tiles_per_batch, amp=amp, cpu_bf16=cpu_bf16,
-                             precision=precision, engine=engine, accumulator=accumulator)
+                             precision=precision, engine=engine, accumulator=accumulator,
+                             mirrors_per_call=mirrors_per_call)
     report = api.predict(source, output, dataset=dataset, configuration=configuration, plans_name=plans_name,
                          model=model, options=options, overwrite=overwrite, save_probabilities=save_probabilities,
                          prev_stage=prev_stage, part=part)

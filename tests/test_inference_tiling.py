@@ -257,3 +257,43 @@ def test_a_float16_accumulator_keeps_almost_every_label() -> None:
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, rtol=0, atol=5e-3)
     assert (half.argmax(0) == full.argmax(0)).float().mean() > 0.995
+
+
+@settings(max_examples=8, deadline=None)
+@given(copies=st.integers(1, 9), batch=st.integers(1, 3), two_d=st.booleans(), per_network=st.booleans())
+def test_mirrors_stacked_in_one_call_give_the_one_call_per_mirror_mean(copies, batch, two_d, per_network) -> None:
+    """Stacking mirrored copies along the batch axis changes only how many calls run, not what is averaged."""
+    from autoseg.inference.sliding import _mean_prediction
+
+    torch.manual_seed(1)
+    make = (lambda: nn.Conv2d(2, 3, 3, padding=1)) if two_d else (lambda: nn.Conv3d(2, 3, 3, padding=1))
+    networks = [make(), make()]
+    calls: list[int] = []
+    for network in networks:
+        network.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    tiles = torch.randn(batch, 2, *((6, 7) if two_d else (5, 6, 7)))
+    flips = mirror_combinations((0, 1) if two_d else (0, 1, 2))
+    with torch.inference_mode():
+        one = _mean_prediction(networks, tiles, flips, squeeze=0, device=torch.device("cpu"), amp=None,
+                               per_network=per_network)
+        calls.clear()
+        stacked = _mean_prediction(networks, tiles, flips, squeeze=0, device=torch.device("cpu"), amp=None,
+                                   per_network=per_network, mirrors_per_call=copies)
+    torch.testing.assert_close(stacked, one, rtol=1e-5, atol=1e-6)
+    groups = -(-len(flips) // copies)
+    assert len(calls) == 2 * groups and max(calls) == batch * min(copies, len(flips))
+
+
+def test_mirrors_per_call_stack_small_patches_on_the_cpu_only() -> None:
+    from autoseg.errors import SettingsError
+    from autoseg.inference.predictor import CPU_CALL_VOXELS, mirrors_per_call
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert mirrors_per_call(None, 8, 1, (40, 56, 40), cpu) == 8  # Hippocampus: every copy in one call
+    assert mirrors_per_call(None, 8, 1, (128, 128, 128), cpu) == 1
+    assert mirrors_per_call(None, 8, 2, (64, 64, 64), cpu) == CPU_CALL_VOXELS // (2 * 64**3)
+    assert mirrors_per_call(None, 8, 1, (40, 56, 40), cuda) == 1
+    assert mirrors_per_call(None, 1, 1, (40, 56, 40), cpu) == 1  # no TTA
+    assert mirrors_per_call(3, 8, 1, (128, 128, 128), cuda) == 3 and mirrors_per_call(16, 4, 1, (8, 8), cpu) == 4
+    with pytest.raises(SettingsError, match="at least 1"):
+        mirrors_per_call(0, 8, 1, (8, 8), cpu)

@@ -10,6 +10,7 @@ autoseg.inference.engines).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from autoseg.inference.export import LabelSemantics, restore_prediction
 from autoseg.inference.probability_file import ProbabilityFile, save_probabilities_file
 from autoseg.inference.sliding import WindowSettings, sliding_window_logits, sliding_window_slabs
 from autoseg.inference.streaming import StreamedLabels, streamed_export_is_exact
+from autoseg.inference.tiling import mirror_combinations
 from autoseg.io.geometry import DUMMY_2D_SPACING, Geometry
 from autoseg.io.readers import read_images, read_label
 from autoseg.log import get_logger
@@ -55,6 +57,10 @@ class Prediction:
     probabilities: np.ndarray | None = None
 
 
+#: Input voxels of one network call up to which mirrored copies are stacked on the CPU (a 40x56x40 patch:
+#: all 8 copies in one call; 128^3: one copy a call). Measured in docs/benchmarks.md ("mirrors per call").
+CPU_CALL_VOXELS = 1 << 20
+
 @dataclass(frozen=True)
 class PredictOptions:
     """Knobs of prediction; every one is a flag of `autoseg predict`."""
@@ -72,6 +78,8 @@ class PredictOptions:
     precision: str = "auto"
     engine: str = "torch"  # auto, torch, openvino or onnxruntime (autoseg.inference.engines; CPU engines)
     accumulator: str = "float32"  # or float16: half the memory of the sliding window's open rows
+    #: mirrored copies per network call (None: on CPU as many as keep a call under CPU_CALL_VOXELS; 1 on GPU)
+    mirrors_per_call: int | None = None
 
 
 class Predictor:
@@ -133,15 +141,16 @@ class Predictor:
         accumulator = check_accumulator(options.accumulator)
 
         def load_networks() -> tuple[list[nn.Module], WindowSettings]:
-            networks, mirror_axes = [], None
-            for fold in folds:
-                network, axes = load_fold_network(model, fold, checkpoint, plans, config, dataset)
-                networks.append(prepare_network(network.to(device), engine=options.engine, spec=spec, device=device,
-                                                checkpoint=model.checkpoint(fold, checkpoint)))
-                mirror_axes = axes if mirror_axes is None else tuple(a for a in mirror_axes if a in axes)
-            window = WindowSettings(patch=tuple(config.patch_size), step=options.step_size,
-                                    mirror_axes=tuple(mirror_axes or ()) if options.tta else (),
-                                    tiles_per_batch=tiles, accumulator=accumulator)
+            loaded = [load_fold_network(model, fold, checkpoint, plans, config, dataset) for fold in folds]
+            mirror_axes = tuple(a for a in loaded[0][1] if all(a in axes for _, axes in loaded)) if options.tta else ()
+            copies = mirrors_per_call(options.mirrors_per_call, len(mirror_combinations(mirror_axes)), tiles,
+                                      config.patch_size, device)
+            call = dataclasses.replace(spec, tiles=tiles * copies)  # engines compile for the stacked batch
+            networks = [prepare_network(network.to(device), engine=options.engine, spec=call, device=device,
+                                        checkpoint=model.checkpoint(fold, checkpoint))
+                        for fold, (network, _) in zip(folds, loaded)]
+            window = WindowSettings(patch=tuple(config.patch_size), step=options.step_size, mirror_axes=mirror_axes,
+                                    tiles_per_batch=tiles, accumulator=accumulator, mirrors_per_call=copies)
             engines = sorted({getattr(network, "engine", "torch") for network in networks})
             log.info("loaded %s (folds %s) on %s with the %s engine; test-time mirroring over axes %s",
                      model.root.name, ", ".join(folds), device, "/".join(engines), window.mirror_axes or "none")
@@ -262,6 +271,21 @@ class Predictor:
         previous_labels = None if previous is None else read_label(previous)[0]
         return self.predict(images, geometry=geometry, previous=previous_labels,
                             with_probabilities=with_probabilities)
+
+
+def mirrors_per_call(requested: int | None, mirrors: int, tiles: int, patch: Sequence[int],
+                     device: torch.device) -> int:
+    """Mirrored copies per network call: `requested` (at most the mirrors there are), else on the CPU as many
+    as keep one call's input under CPU_CALL_VOXELS voxels (small patches: the cores stay busier on one
+    larger call), and 1 on a GPU (nnU-Net's way; a GPU is already busy with one copy, and memory is tight)."""
+    if requested is not None:
+        if requested < 1:
+            raise SettingsError(f"mirrors per call must be at least 1, not {requested}", hint="pass 1 or more")
+        return max(1, min(requested, mirrors))
+    if device.type != "cpu":
+        return 1
+    voxels = tiles * int(np.prod([int(n) for n in patch]))
+    return max(1, min(mirrors, CPU_CALL_VOXELS // max(voxels, 1)))
 
 
 def check_accumulator(name: str) -> str:

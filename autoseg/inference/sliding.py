@@ -48,6 +48,9 @@ class WindowSettings:
     #: dtype of the open rows' weighted sum: float32, or float16 (half the memory; the argmax may change
     #: where the two best classes are within ~1e-3 of each other: docs/benchmarks.md measures how often)
     accumulator: str = "float32"
+    #: mirrored copies of a batch stacked into one network call (1: one call per mirror, nnU-Net's way). More
+    #: copies per call keep the CPU's cores busier on small patches; the sum is taken in the same order.
+    mirrors_per_call: int = 1
 
 
 def sliding_window_logits(
@@ -105,7 +108,7 @@ def sliding_window_slabs(
             yield from ring.finish_rows_before(batch_boxes[0][0].start)
             tiles = torch.stack([volume[(slice(None), *box)] for box in batch_boxes]).to(device, non_blocking=True)
             mean = _mean_prediction(networks, tiles, flips, squeeze=squeeze, device=device, amp=amp,
-                                    per_network=outputs.per_network)
+                                    per_network=outputs.per_network, mirrors_per_call=settings.mirrors_per_call)
             for tile, box in zip(mean.to(ring.device), batch_boxes):
                 ring.add(tile, box)
         yield from ring.finish_rows_before(padded.shape[1])
@@ -185,25 +188,22 @@ class _Ring:
 
 
 def _mean_prediction(networks: Sequence[nn.Module], tiles: torch.Tensor, flips: list[tuple[int, ...]], *,
-                     squeeze: int, device: torch.device, amp: torch.dtype | None, per_network: bool = False
-                     ) -> torch.Tensor:
+                     squeeze: int, device: torch.device, amp: torch.dtype | None, per_network: bool = False,
+                     mirrors_per_call: int = 1) -> torch.Tensor:
     """Mean float32 outputs of every network on every mirrored copy of a batch (b, c, *window); with
-    `per_network`, each network's mean over the mirrors, concatenated along the channels."""
+    `per_network`, each network's mean over the mirrors, concatenated along the channels. `mirrors_per_call`
+    copies go through a network together (stacked along the batch axis); outputs are added in mirror order."""
     spatial_from = 2 + squeeze
     inputs = tiles.reshape(*tiles.shape[:2], *tiles.shape[spatial_from:]) if squeeze else tiles
+    groups = [flips[first:first + mirrors_per_call] for first in range(0, len(flips), max(1, mirrors_per_call))]
     total, means = None, []
     for network in networks:
         if per_network and total is not None:
             means.append(total / len(flips))
             total = None
-        for flip in flips:
-            dims = [2 + axis for axis in flip]
-            x = torch.flip(inputs, dims) if dims else inputs
-            with autocast(device, amp):
-                out = network(x)
-            out = out.float()
-            out = torch.flip(out, dims) if dims else out
-            total = out if total is None else total.add_(out)
+        for group in groups:
+            for out in _mirrored_outputs(network, inputs, group, device=device, amp=amp):
+                total = out if total is None else total.add_(out)
     assert total is not None
     if per_network:
         total = torch.cat([*means, total / len(flips)], dim=1)
@@ -212,6 +212,20 @@ def _mean_prediction(networks: Sequence[nn.Module], tiles: torch.Tensor, flips: 
     if squeeze:
         total = total.reshape(*total.shape[:2], *tiles.shape[2:spatial_from], *total.shape[2:])
     return total
+
+
+def _mirrored_outputs(network: nn.Module, inputs: torch.Tensor, group: Sequence[tuple[int, ...]], *,
+                      device: torch.device, amp: torch.dtype | None) -> Iterator[torch.Tensor]:
+    """The network's float32 output on each mirrored copy of `inputs` (b, c, *spatial) in `group`, flipped
+    back, from one call on the copies stacked along the batch axis."""
+    dims = [[2 + axis for axis in flip] for flip in group]
+    copies = [torch.flip(inputs, d) if d else inputs for d in dims]
+    with autocast(device, amp):
+        out = network(copies[0] if len(copies) == 1 else torch.cat(copies))
+    out = out.float()
+    for index, d in enumerate(dims):
+        part = out[index * len(inputs):(index + 1) * len(inputs)] if len(dims) > 1 else out
+        yield torch.flip(part, d) if d else part
 
 
 def _to_device_if_it_fits(volume: torch.Tensor, device: torch.device) -> torch.Tensor:
