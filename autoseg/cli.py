@@ -316,8 +316,8 @@ def train_command(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (default on).")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help=(
-        "auto (mixed precision on CUDA, fp32 on CPU), fp32, or bf16 (autocast; on CPU fast only with native "
-        "bf16: AVX512-BF16 / AMX, see `autoseg env`)."))] = None,
+        "auto (mixed precision on CUDA, fp32 on CPU for training), fp32, or bf16 (autocast; on CPU fast only "
+        "with native bf16: AVX512-BF16 / AMX, see `autoseg env`)."))] = None,
     compile_network: Annotated[bool | None, typer.Option("--compile/--no-compile",
                                                          help="torch.compile on CUDA (default off).")] = None,
     resume: Annotated[bool, typer.Option("--continue", help=(

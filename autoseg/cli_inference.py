@@ -44,8 +44,9 @@ def predict_command(
         "input voxels, e.g. all 8 for a 40x56x40 patch; 1 on GPU)."))] = None,
     amp: Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = True,
     precision: Annotated[str, typer.Option("--precision", help=(
-        "auto (mixed precision on CUDA, fp32 on CPU), fp32, or bf16: ~2-3x faster on CPUs with native bf16 "
-        "(AVX512-BF16/AMX, see `autoseg env`), output changes slightly."))] = "auto",
+        "auto (mixed precision on CUDA; bf16 on CPUs with native bf16 (AVX512-BF16/AMX, see `autoseg env`), "
+        "measured equivalent; fp32 on other CPUs), fp32, or bf16 (~2-3x faster than fp32 where native; the "
+        "labels differ from fp32's on ~0.01 % of the voxels)."))] = "auto",
     cpu_bf16: Annotated[bool, typer.Option("--cpu-bf16", help="Same as --precision bf16 on CPU.")] = False,
     engine: Annotated[str, typer.Option("--engine", help=(
         "torch, openvino, onnxruntime (CPU engines: pip install \"autoseg\\[openvino]\" / \"autoseg\\[onnx]\"), or "

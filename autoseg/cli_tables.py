@@ -134,11 +134,14 @@ def comparison_table(rows: list[tuple[str, ...]], dataset: str) -> Table:
 
 
 def cpu_auto_precision(native_bf16: bool) -> str:
-    """What `--precision auto` does on this CPU, and why."""
-    from autoseg.runtime.device import CPU_BF16_BY_DEFAULT
+    """What `--precision auto` does on this CPU for prediction and for training, and why."""
+    from autoseg.runtime.device import cpu_auto_is_bf16
 
-    if native_bf16 and CPU_BF16_BY_DEFAULT:
-        return "bf16 (native, measured equivalent: docs/inference.md)"
-    if native_bf16:
-        return "fp32 (bf16 is native here: --precision bf16 is ~2-3x faster; not the default until measured equal)"
-    return "fp32 (no native bf16: --precision bf16 would be emulated and slow)"
+    if not native_bf16:
+        return "fp32 (no native bf16: --precision bf16 would be emulated and slow)"
+    predict, train = cpu_auto_is_bf16("predict"), cpu_auto_is_bf16("train")
+    text = {True: "bf16 (native, measured equivalent: docs/inference.md)", False: "fp32"}
+    if predict == train:
+        return text[predict] + ("" if predict else " (AUTOSEG_CPU_AUTO_PRECISION=fp32)")
+    return (f"predict: {text[predict]}; train: {text[train]}"
+            + (" (bf16 training not yet measured equal; --precision bf16 is ~2x faster)" if not train else ""))

@@ -14,13 +14,31 @@ CPU = torch.device("cpu")
 
 def test_cpu_precision_is_fp32_unless_bf16_is_asked_for_or_measured_equivalent(monkeypatch) -> None:
     assert PRECISIONS == ("auto", "fp32", "bf16")
-    assert precision_dtype(CPU, "auto") is None and precision_dtype(CPU, "fp32") is None
-    assert precision_dtype(CPU, "bf16") is torch.bfloat16
-    monkeypatch.setattr(device_module, "CPU_BF16_BY_DEFAULT", True)  # once measured (issue 16) ...
+    monkeypatch.delenv(device_module.AUTO_PRECISION_ENV, raising=False)  # conftest holds tests at fp32
+    assert precision_dtype(CPU, "fp32") is None and precision_dtype(CPU, "bf16") is torch.bfloat16
     monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
-    assert precision_dtype(CPU, "auto") is torch.bfloat16  # ... auto takes bf16 where it is native
+    # measured equivalent for prediction (issue 16), not yet for training
+    assert precision_dtype(CPU, "auto") is torch.bfloat16 and precision_dtype(CPU, "auto", purpose="train") is None
+    monkeypatch.setenv(device_module.AUTO_PRECISION_ENV, "fp32")
+    assert precision_dtype(CPU, "auto") is None  # the environment's choice wins ...
+    monkeypatch.setenv(device_module.AUTO_PRECISION_ENV, "bf16")
+    assert precision_dtype(CPU, "auto", purpose="train") is torch.bfloat16
     monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
-    assert precision_dtype(CPU, "auto") is None  # and never where it would be emulated
+    assert precision_dtype(CPU, "auto") is None  # ... but bf16 never where it would be emulated
+    monkeypatch.setenv(device_module.AUTO_PRECISION_ENV, "fp16")
+    with pytest.raises(SettingsError, match="neither fp32 nor bf16"):
+        precision_dtype(CPU, "auto")
+
+
+def test_autoseg_env_says_what_auto_picks_per_purpose(monkeypatch) -> None:
+    from autoseg.cli_tables import cpu_auto_precision
+
+    monkeypatch.delenv(device_module.AUTO_PRECISION_ENV, raising=False)
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
+    assert cpu_auto_precision(True).startswith("predict: bf16") and "train: fp32" in cpu_auto_precision(True)
+    assert cpu_auto_precision(False).startswith("fp32 (no native bf16")
+    monkeypatch.setenv(device_module.AUTO_PRECISION_ENV, "fp32")
+    assert cpu_auto_precision(True).startswith("fp32")
 
 
 def test_unknown_precision_and_the_older_flags() -> None:

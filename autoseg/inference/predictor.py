@@ -73,7 +73,7 @@ class PredictOptions:
     tiles_per_batch: int | None = None  # None: 1 on CPU, the plan's batch size on a GPU
     amp: bool = True
     cpu_bf16: bool = False  # the older spelling of precision="bf16" on CPU
-    #: auto (mixed precision on CUDA, fp32 on CPU), fp32 or bf16 (faster on CPUs with native bf16; the
+    #: auto (mixed precision on CUDA; on CPUs bf16 where native, else fp32), fp32 or bf16 (faster with native bf16; the
     #: output changes slightly: docs/inference.md)
     precision: str = "auto"
     engine: str = "torch"  # auto, torch, openvino or onnxruntime (autoseg.inference.engines; CPU engines)

@@ -48,9 +48,12 @@ def pick_device(spec: str = "auto", *, local_rank: int = 0) -> Any:
 
 #: `--precision` values. auto: mixed precision on CUDA (bf16 where supported, else fp16), fp32 elsewhere.
 PRECISIONS = ("auto", "fp32", "bf16")
-#: bf16 becomes `auto`'s choice on CPUs with native bf16 only once measured equivalent on the real data
-#: (issue 16: fold-validation Dice within 0.005 per class, argmax agreement >= 99.5 %); not yet recorded.
-CPU_BF16_BY_DEFAULT = False
+#: Whether `auto` takes bf16 on CPUs with native bf16, per purpose: only once measured equivalent on the
+#: real data (issue 16: fold-validation Dice within 0.005 per class, argmax agreement >= 99.5 %). Prediction:
+#: measured on two real Hippocampus models, torch and OpenVINO (docs/benchmarks.md). Training: not yet.
+CPU_BF16_BY_DEFAULT = {"predict": True, "train": False}
+#: Environment override of `auto` on CPUs: fp32 or bf16 (bf16 still only where it is native).
+AUTO_PRECISION_ENV = "AUTOSEG_CPU_AUTO_PRECISION"
 
 
 def amp_dtype(device: Any, *, enabled: bool = True, cpu_bf16: bool = False) -> Any:
@@ -59,9 +62,10 @@ def amp_dtype(device: Any, *, enabled: bool = True, cpu_bf16: bool = False) -> A
     return precision_dtype(device, "bf16" if cpu_bf16 and device.type == "cpu" else "auto" if enabled else "fp32")
 
 
-def precision_dtype(device: Any, precision: str = "auto") -> Any:
+def precision_dtype(device: Any, precision: str = "auto", *, purpose: str = "predict") -> Any:
     """The autocast dtype for `precision` on `device` (None = fp32); SettingsError for an unknown value or
-    bf16 on a GPU without it. Axis-free: it only decides the arithmetic."""
+    bf16 on a GPU without it. `purpose` (predict or train) decides `auto` on CPUs (cpu_auto_is_bf16).
+    Axis-free: it only decides the arithmetic."""
     import torch
 
     if precision not in PRECISIONS:
@@ -71,7 +75,7 @@ def precision_dtype(device: Any, precision: str = "auto") -> Any:
             log.info("mixed precision is off on %s", device.type)
         return None
     if device.type == "cpu":
-        if precision == "bf16" or (precision == "auto" and CPU_BF16_BY_DEFAULT and cpu_has_native_bf16()):
+        if precision == "bf16" or (precision == "auto" and cpu_auto_is_bf16(purpose)):
             if not cpu_has_native_bf16():
                 log.warning("bf16 on a CPU without native bf16 (AVX512-BF16 / AMX) is emulated and slow")
             return torch.bfloat16
@@ -79,6 +83,17 @@ def precision_dtype(device: Any, precision: str = "auto") -> Any:
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise SettingsError("this GPU has no bf16", hint="use --precision auto (fp16 with loss scaling) or fp32")
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def cpu_auto_is_bf16(purpose: str = "predict") -> bool:
+    """Whether `--precision auto` computes in bf16 on this CPU for `purpose` (predict or train): where bf16
+    is native and measured equivalent (CPU_BF16_BY_DEFAULT), unless AUTOSEG_CPU_AUTO_PRECISION says fp32."""
+    chosen = os.environ.get(AUTO_PRECISION_ENV, "").strip().lower()
+    if chosen not in ("", "fp32", "bf16"):
+        raise SettingsError(f"{AUTO_PRECISION_ENV}={chosen!r} is neither fp32 nor bf16",
+                            hint=f"set {AUTO_PRECISION_ENV} to fp32 or bf16, or unset it")
+    wanted = chosen == "bf16" if chosen else CPU_BF16_BY_DEFAULT.get(purpose, False)
+    return wanted and cpu_has_native_bf16()
 
 
 def cpu_has_native_bf16() -> bool:

@@ -40,7 +40,7 @@ class RuntimeContext:
         if world_size > 1:
             _init_process_group(chosen)
         return cls(device=chosen, rank=rank, local_rank=local_rank, world_size=world_size,
-                   amp_dtype=precision_dtype(chosen, precision if amp else "fp32"))
+                   amp_dtype=precision_dtype(chosen, precision if amp else "fp32", purpose="train"))
 
 
 def _init_process_group(device: Any) -> None:
