@@ -61,7 +61,7 @@ def test_cpu_quick_run_reports_every_section(prepared: Path, tmp_path: Path, mon
                 if key.endswith(POSITIVE):
                     assert number > 0, (name, key, number)
     steps = {row["what"].split(", ")[-1] for row in result["sections"]["train_steps"]["rows"]}
-    assert {"fp32", "bf16", "fp16 + GradScaler", "bf16 + channels-last", "bf16 + compile"} <= steps
+    assert {"fp32", "bf16", "fp16 + GradScaler", "fp32 + channels-last", "bf16 + compile"} <= steps
     prediction = result["sections"]["prediction"]["rows"]
     assert all(row["max_abs_difference"] == 0 for row in prediction if "max_abs_difference" in row)
     assert result["sections"]["ddp"]["rows"][0]["replicas_identical"]
