@@ -59,7 +59,7 @@ def environment(check: Check) -> dict[str, Any]:
                 f"{default_workers(cpus)}", cpus=cpus, default_workers=default_workers(cpus))]
     if check.cuda:
         rows.insert(0, _gpu_row(check))
-    amp = amp_dtype(check.device)
+    amp = amp_dtype(check.device, purpose="train")
     rows.append(row("autoseg precision", str(amp).replace("torch.", "") if amp else "fp32",
                     f"cudnn.benchmark {torch.backends.cudnn.benchmark}, cudnn TF32 {torch.backends.cudnn.allow_tf32}, "
                     f"matmul TF32 {torch.backends.cuda.matmul.allow_tf32}"))

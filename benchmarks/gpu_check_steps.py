@@ -165,7 +165,7 @@ def _sizes(case: PlanCase) -> dict[str, Any]:
 
 
 def _run_steps(check: Check, case: PlanCase, steps: int) -> None:
-    amp = amp_dtype(check.device)
+    amp = amp_dtype(check.device, purpose="train")
     objects = training_objects(check, case, amp=amp)
     step = _step_call(objects, synthetic_batch(check, case), amp)
     for _ in range(steps):
@@ -220,7 +220,7 @@ def _fits_enforced(check: Check, case: PlanCase, budget_gb: float, context: floa
 def physical_limit(check: Check) -> dict[str, Any]:
     """Convolution FLOPs of one training step over the measured rate, against the measured step time."""
     rows: list[dict[str, Any]] = []
-    amp = amp_dtype(check.device)
+    amp = amp_dtype(check.device, purpose="train")
     attempt(rows, "matmul rate", _matmul_row, check, amp)
     for case in step_cases(check):
         attempt(rows, f"{case.shape}: step vs limit", _limit_row, check, case, amp)

@@ -19,6 +19,7 @@ def test_cpu_precision_is_fp32_unless_bf16_is_asked_for_or_measured_equivalent(m
     monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
     # measured equivalent for prediction (issue 16), not yet for training
     assert precision_dtype(CPU, "auto") is torch.bfloat16 and precision_dtype(CPU, "auto", purpose="train") is None
+    assert amp_dtype(CPU) is torch.bfloat16 and amp_dtype(CPU, purpose="train") is None  # the older flags too
     monkeypatch.setenv(device_module.AUTO_PRECISION_ENV, "fp32")
     assert precision_dtype(CPU, "auto") is None  # the environment's choice wins ...
     monkeypatch.setenv(device_module.AUTO_PRECISION_ENV, "bf16")

@@ -224,7 +224,7 @@ def _mirrored_outputs(network: nn.Module, inputs: torch.Tensor, group: Sequence[
         out = network(copies[0] if len(copies) == 1 else torch.cat(copies))
     out = out.float()
     for index, d in enumerate(dims):
-        part = out[index * len(inputs):(index + 1) * len(inputs)] if len(dims) > 1 else out
+        part = out[index * len(inputs):(index + 1) * len(inputs)]
         yield torch.flip(part, d) if d else part
 
 

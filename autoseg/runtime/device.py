@@ -56,10 +56,12 @@ CPU_BF16_BY_DEFAULT = {"predict": True, "train": False}
 AUTO_PRECISION_ENV = "AUTOSEG_CPU_AUTO_PRECISION"
 
 
-def amp_dtype(device: Any, *, enabled: bool = True, cpu_bf16: bool = False) -> Any:
+def amp_dtype(device: Any, *, enabled: bool = True, cpu_bf16: bool = False, purpose: str = "predict") -> Any:
     """The autocast dtype of `precision_dtype(device, ...)` for the older flags: `enabled` False = fp32,
-    `cpu_bf16` = bf16 on CPU (1.7-2.9x faster prediction on CPUs with native bf16, docs/benchmarks.md)."""
-    return precision_dtype(device, "bf16" if cpu_bf16 and device.type == "cpu" else "auto" if enabled else "fp32")
+    `cpu_bf16` = bf16 on CPU (1.7-2.9x faster prediction on CPUs with native bf16, docs/benchmarks.md);
+    `purpose` as in precision_dtype (training steps pass "train")."""
+    chosen = "bf16" if cpu_bf16 and device.type == "cpu" else "auto" if enabled else "fp32"
+    return precision_dtype(device, chosen, purpose=purpose)
 
 
 def precision_dtype(device: Any, precision: str = "auto", *, purpose: str = "predict") -> Any:

@@ -91,8 +91,7 @@ def import_nnunet(source: str | Path, output: str | Path, *, checkpoint: str = "
     if is_nnunet_zip(source):
         with tempfile.TemporaryDirectory(prefix="autoseg-nnunet-") as unpacked:
             folder = unpack_model(Path(source), Path(unpacked), configuration)
-            previous = _previous_stage_name(folder)
-            sibling = None if previous is None else _sibling_name(folder, previous)
+            sibling = _previous_stage_folder_name(folder)
             if sibling is not None and any(m.endswith(f"/{sibling}") for m in zip_models(Path(source))):
                 unpack_model(Path(source), Path(unpacked), sibling)
             return _import_with_previous(folder, Path(output), checkpoint=checkpoint, folds=folds,
@@ -103,8 +102,8 @@ def import_nnunet(source: str | Path, output: str | Path, *, checkpoint: str = "
 
 def _import_with_previous(root: Path, output: Path, *, origin: Path, **options: Any) -> ImportedModel:
     """The model at `root`, and for a cascade stage its previous stage's folder beside it (every fold)."""
-    previous_name = _previous_stage_name(root)
-    sibling = None if previous_name is None else root.parent / _sibling_name(root, previous_name)
+    name = _previous_stage_folder_name(root)
+    sibling = None if name is None else root.parent / name
     if sibling is not None and not sibling.is_dir():
         log.warning("%s is a cascade stage and there is no %s beside it: import that model too (or give "
                     "`autoseg predict --prev-stage DIR` its predictions)", root.name, sibling.name)
@@ -117,8 +116,9 @@ def _import_with_previous(root: Path, output: Path, *, origin: Path, **options: 
     return dataclasses.replace(imported, previous=earlier)
 
 
-def _previous_stage_name(root: Path) -> str | None:
-    """The previous stage a cascade model folder's configuration names in its plans.json (None otherwise)."""
+def _previous_stage_folder_name(root: Path) -> str | None:
+    """For a cascade model folder, the nnU-Net folder name of its previous stage (same trainer and plans, the
+    configuration its plans.json names as `previous_stage`); None for a model that stands alone."""
     from autoseg.sharing.nnunet_model import configuration_entry
 
     name = _name_part(root, "configuration")
@@ -128,12 +128,7 @@ def _previous_stage_name(root: Path) -> str | None:
     if name not in plans.get("configurations", {}):
         return None
     previous = configuration_entry(plans, name, root / "plans.json").get("previous_stage")
-    return str(previous) if previous else None
-
-
-def _sibling_name(root: Path, configuration: str) -> str:
-    """The nnU-Net folder name of the same trainer and plans for another configuration."""
-    return f"{_name_part(root, 'trainer')}__{_name_part(root, 'plans')}__{configuration}"
+    return f"{_name_part(root, 'trainer')}__{_name_part(root, 'plans')}__{previous}" if previous else None
 
 
 @dataclass(frozen=True)
@@ -235,8 +230,8 @@ def cached_import(source: str | Path, *, checkpoint: str = "final", configuratio
         files = [root]
     else:
         configuration = None  # a folder holds one model (and a cascade's previous stage is its sibling)
-        previous = _previous_stage_name(root)
-        sibling = None if previous is None else root.parent / _sibling_name(root, previous)
+        name = _previous_stage_folder_name(root)
+        sibling = None if name is None else root.parent / name
         files = _model_files(root, checkpoint)
         files += _model_files(sibling, checkpoint) if sibling is not None and sibling.is_dir() else []
     digest = hashlib.sha256(f"autoseg-nnunet-{CONVERTER_VERSION}-{checkpoint}-{configuration}".encode())

@@ -41,8 +41,7 @@ def is_nnunet_zip(path: str | Path) -> bool:
 
 def zip_dataset(path: str | Path) -> str:
     """The dataset folder name of the zip's first model (nnU-Net exports one dataset per zip)."""
-    with zipfile.ZipFile(path) as zipped:
-        return _models(zipped.namelist())[0].split("/", 1)[0]
+    return zip_models(path)[0].split("/", 1)[0]
 
 
 def zip_models(path: str | Path) -> list[str]:
