@@ -242,6 +242,7 @@ def predict(
     from autoseg.sharing.nnunet_import import nnunet_as_autoseg
 
     share = Part.parse(part)  # a mistyped --part fails before any model is loaded
+    given = model
     model = nnunet_as_autoseg(model, configuration=configuration,  # nnU-Net folder or zip: a converted copy
                               checkpoint=(options or PredictOptions()).checkpoint)
     if model is not None and Path(model).suffix.lower() == ".zip" and Path(model).is_file():
@@ -257,9 +258,12 @@ def predict(
         stage = predictor.previous.configuration
         earlier = Path(model).parent / f"{stage}__{predictor.plans.plans_name}"
         if not (earlier / "plans.json").is_file():
+            converted = given is not None and Path(given) != Path(model)  # an nnU-Net folder or zip
+            first = f"put nnU-Net's {stage} model folder beside it (or in the zip)" if converted else \
+                f"train {stage} (every fold)"
             raise SettingsError(f"{predictor.config.name} needs {stage} predictions, and there is no {stage} model "
-                                "beside it", path=earlier, hint=f"train {stage} (every fold), or pass --prev-stage DIR "
-                                                                f"with {stage} predictions of these scans")
+                                "beside it", path=Path(given) if converted else earlier,
+                                hint=f"{first}, or pass --prev-stage DIR with {stage} predictions of these scans")
         prev_stage = Path(output) / f".previous_{stage}"
         log.info("cascade: predicting with %s first, into %s", earlier.name, prev_stage)
         first_stage = predict_folder(Predictor.from_folder(earlier, options), Path(source), prev_stage,

@@ -107,8 +107,9 @@ def test_a_cascade_without_its_first_stage_needs_prev_stage(nnunet: Path, tmp_pa
     alone = Path(shutil.copytree(nnunet / CASCADE, tmp_path / "alone" / Path(CASCADE).name))
     imported = import_nnunet(alone, tmp_path / "results")
     assert imported.previous is None and "import that model too" in caplog.text
-    with pytest.raises(SettingsError, match="--prev-stage"):
+    with pytest.raises(SettingsError, match="--prev-stage") as error:
         api.predict(nnunet / "imagesTs", tmp_path / "pred", model=alone, options=OPTIONS)
+    assert str(alone) in str(error.value) and "nnU-Net's 3d_lowres model folder beside it" in str(error.value)
     report = api.predict(nnunet / "imagesTs", tmp_path / "pred", model=alone, options=OPTIONS,
                          prev_stage=nnunet / LOWRES / "predictions")
     assert len(report.written) == 2
