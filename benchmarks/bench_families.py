@@ -217,7 +217,9 @@ def run_ct(args: argparse.Namespace) -> None:
 def cpu_name() -> str:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
-    return f"{model}{' AVX512-BF16' if 'avx512_bf16' in flags else ''}, {os.cpu_count()} cores"
+    extensions = "".join(f" {name}" for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_bf16", "AMX-BF16"))
+                         if flag in flags)
+    return f"{model}{extensions}, {os.cpu_count()} cores"
 
 
 def table(runs: list[dict]) -> str:

@@ -4,9 +4,11 @@ A synthetic CT (int16, HU-like: air, a body cylinder of soft tissue, a spine of 
 (z y x) at --spacing mm is written once as .mha; a model folder with random weights is planned by
 autoseg's planner for a dataset of such scans with --classes classes (background included), its
 networks narrowed by --width-divisor (quarter width: 4), and `autoseg predict` segments the file in a fresh
-process (no TTA, fp32, CPU, --threads). Reported per run: wall seconds of the command (process start,
-model load, reading, preprocessing, sliding window, export, writing), microseconds per voxel, peak RSS
-of the process (GiB) and how many voxels got each label.
+process (no TTA, CPU, --threads; --flags adds `autoseg predict` options, default `--precision fp32`; e.g.
+`--flags "--engine openvino --precision fp32"` for the engine path's memory against torch's, issue 16: then a
+first run fills the engine cache, reported apart, and the second is timed). Reported per run: wall seconds
+of the command (process start, model load, reading, preprocessing, sliding window, export, writing),
+microseconds per voxel, peak RSS of the process (GiB) and how many voxels got each label.
 
 `parts` predicts a folder of --cases such volumes once with one process (--threads threads) and once
 with --parts processes started together, `--part i/N` each, --threads / N threads each (at least 1),
@@ -94,13 +96,14 @@ def make_model(folder: Path, shape: tuple[int, ...], spacing: tuple[float, ...],
     return model.root
 
 
-def predict(model: Path, inputs: Path, output: Path, source: Path | None, threads: int) -> tuple[float, float]:
+def predict(model: Path, inputs: Path, output: Path, source: Path | None, threads: int,
+            flags: str = "--precision fp32") -> tuple[float, float]:
     """Wall seconds and peak RSS (GiB) of `autoseg predict` in a fresh process."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if source is not None:
         env["PYTHONPATH"] = str(source)
     seconds, rss = autoseg("predict", "-i", str(inputs), "-o", str(output), "-m", str(model), "--no-tta", "--device",
-                           "cpu", "--overwrite", env=env, measure_rss=True)
+                           "cpu", "--overwrite", *flags.split(), env=env, measure_rss=True)
     assert rss is not None
     return seconds, rss
 
@@ -114,6 +117,8 @@ def run(args: argparse.Namespace) -> None:
     tag = f"{'x'.join(map(str, shape))}"
     key = {"shape": list(shape), "spacing": list(spacing), "classes": args.classes, "width_divisor": args.width_divisor,
            "source": str(args.source) if args.source else "this checkout", "threads": args.threads}
+    if args.flags != "--precision fp32":
+        key["flags"] = args.flags
     if any(all(run.get(k) == v for k, v in key.items()) for run in done_runs(args.out)):
         print("already measured:", key)
         return
@@ -124,7 +129,10 @@ def run(args: argparse.Namespace) -> None:
     model = make_model(args.work / f"model_{tag}_{args.classes}_{args.width_divisor}", shape, spacing, args.classes,
                        args.width_divisor)
     output = args.work / f"out_{tag}_{args.classes}"
-    seconds, rss = predict(model, inputs, output, args.source, args.threads)
+    first = predict(model, inputs, output, args.source, args.threads, args.flags) if "--engine" in args.flags else None
+    seconds, rss = predict(model, inputs, output, args.source, args.threads, args.flags)
+    if first is not None:
+        key.update(first_run_seconds=round(first[0], 1), first_run_peak_rss_gb=round(first[1], 2))
     labels, _ = read_label(output / "ct.mha")
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=args.classes)
     result = {**key, "seconds": round(seconds, 1), "us_per_voxel": round(seconds / np.prod(shape) * 1e6, 4),
@@ -184,7 +192,8 @@ def table(runs: list[dict]) -> str:
     parts = [r for r in runs if r.get("task") == "parts"]
     runs = [r for r in runs if r.get("task") != "parts"]
     for r in runs:
-        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['classes']} | 1/{r['width_divisor']} | {r['source']} | "
+        predictor = f"{r['source']} {r.get('flags', '')}".strip()
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['classes']} | 1/{r['width_divisor']} | {predictor} | "
                      f"{r['seconds']:.1f} | {r['us_per_voxel']:.3f} | {r['peak_rss_gb']:.2f} | {r['labels_sha']} |")
     if parts:
         lines += ["", "| folder | processes | one process s | N processes s | speed-up | cases written |",
@@ -204,6 +213,7 @@ def main() -> None:
     parser.add_argument("--width-divisor", type=int, default=4)
     parser.add_argument("--source", type=Path, help="checkout whose autoseg predicts (default: this one)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--flags", default="--precision fp32", help="run: more `autoseg predict` options")
     parser.add_argument("--cases", type=int, default=8, help="parts: volumes in the folder")
     parser.add_argument("--parts", type=int, default=4, help="parts: processes")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_scale"))
