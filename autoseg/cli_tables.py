@@ -144,4 +144,4 @@ def cpu_auto_precision(native_bf16: bool) -> str:
     if predict == train:
         return text[predict] + ("" if predict else " (AUTOSEG_CPU_AUTO_PRECISION=fp32)")
     return (f"predict: {text[predict]}; train: {text[train]}"
-            + (" (bf16 training not yet measured equal; --precision bf16 is ~2x faster)" if not train else ""))
+            + (" (not measured equivalent for this purpose; --precision bf16 asks for it)" if not train else ""))

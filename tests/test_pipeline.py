@@ -39,6 +39,7 @@ def test_short_training_segments_held_out_scans(roots: Path) -> None:
     assert summary["mean"]["organ"]["dice"] > 0.5, evaluated
     assert len(summary["cases"]) == 2 and "organ" in evaluated
     assert (validation.parent / "training.json").is_file()  # the fold's own settings, for --continue
+    assert "arithmetic: fp32 (--precision auto)" in (validation.parent / "training.log").read_text()  # conftest: fp32
     validated_at = (validation / "summary.json").stat().st_mtime_ns
     _ok(["train", "900", "3d_fullres", "0", "--continue", "-j", "0"])  # a resubmitted finished fold
     assert (validation / "summary.json").stat().st_mtime_ns == validated_at  # not validated again

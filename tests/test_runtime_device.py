@@ -17,8 +17,12 @@ def test_cpu_precision_is_fp32_unless_bf16_is_asked_for_or_measured_equivalent(m
     monkeypatch.delenv(device_module.AUTO_PRECISION_ENV, raising=False)  # conftest holds tests at fp32
     assert precision_dtype(CPU, "fp32") is None and precision_dtype(CPU, "bf16") is torch.bfloat16
     monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
-    # measured equivalent for prediction (issue 16), not yet for training
-    assert precision_dtype(CPU, "auto") is torch.bfloat16 and precision_dtype(CPU, "auto", purpose="train") is None
+    # measured equivalent for prediction and for training (issue 16)
+    assert precision_dtype(CPU, "auto") is torch.bfloat16
+    assert precision_dtype(CPU, "auto", purpose="train") is torch.bfloat16
+    # a purpose not measured equivalent stays fp32 (the mechanism, with training switched back off)
+    monkeypatch.setitem(device_module.CPU_BF16_BY_DEFAULT, "train", False)
+    assert precision_dtype(CPU, "auto", purpose="train") is None and precision_dtype(CPU, "auto") is torch.bfloat16
     assert amp_dtype(CPU) is torch.bfloat16 and amp_dtype(CPU, purpose="train") is None  # the older flags too
     monkeypatch.setenv(device_module.AUTO_PRECISION_ENV, "fp32")
     assert precision_dtype(CPU, "auto") is None  # the environment's choice wins ...
@@ -36,6 +40,8 @@ def test_autoseg_env_says_what_auto_picks_per_purpose(monkeypatch) -> None:
 
     monkeypatch.delenv(device_module.AUTO_PRECISION_ENV, raising=False)
     monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
+    assert cpu_auto_precision(True).startswith("bf16 (native, measured equivalent")  # both purposes
+    monkeypatch.setitem(device_module.CPU_BF16_BY_DEFAULT, "train", False)
     assert cpu_auto_precision(True).startswith("predict: bf16") and "train: fp32" in cpu_auto_precision(True)
     assert cpu_auto_precision(False).startswith("fp32 (no native bf16")
     monkeypatch.setenv(device_module.AUTO_PRECISION_ENV, "fp32")

@@ -16,7 +16,7 @@ from autoseg.model.families import family_of
 from autoseg.model_folder import ModelFolder, network_in_channels, previous_stage
 from autoseg.paths import DatasetLocation
 from autoseg.planning.contract import Configuration, Plans
-from autoseg.runtime.device import configure_threads, keep_freed_memory, seed_all
+from autoseg.runtime.device import arithmetic_name, configure_threads, keep_freed_memory, seed_all
 from autoseg.runtime.distributed import RuntimeContext, barrier, shutdown
 from autoseg.runtime.lock import folder_lock
 from autoseg.serialization import atomic_write, load_contract, read_json, save_contract
@@ -128,6 +128,7 @@ def _train_locked(run: FoldRun, location: DatasetLocation, dataset: Dataset, pla
     try:
         log.info("training %s fold %s on %s (%d training, %d validation cases, %d process(es))", configuration,
                  fold, context.device, len(run.train_ids), len(run.val_ids), context.world_size)
+        log.info("arithmetic: %s (--precision %s)", arithmetic_name(context.amp_dtype), settings.precision)
         train_fold(run, settings, context, resume=resume)
     finally:
         if handler is not None:

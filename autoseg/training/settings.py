@@ -39,8 +39,9 @@ class TrainingSettings:
     warmup_iterations: int = 0
     #: Pool Dice sums over the batch (True), per sample (False), or as the plan says (None).
     batch_dice: bool | None = None
-    #: Arithmetic of the steps: auto (mixed precision on CUDA, fp32 on CPU until bf16 is measured
-    #: equivalent there), fp32, or bf16 (autocast; on CPU fast only with native bf16). `amp=False` = fp32.
+    #: Arithmetic of the steps: auto (mixed precision on CUDA; on CPU bf16 where it is native, measured
+    #: equivalent in issue 16, else fp32), fp32, or bf16 (autocast; on CPU fast only with native bf16).
+    #: `amp=False` = fp32.
     precision: str = "auto"
     format: int = SETTINGS_FORMAT
 
