@@ -28,7 +28,7 @@ from torch import nn
 
 from autoseg.model.size import feature_map_elements, parameter_count
 from autoseg.planning.memory import estimate_memory_gb
-from autoseg.runtime.device import amp_dtype, autocast
+from autoseg.runtime.device import amp_dtype, autocast, precision_name
 from autoseg.training.setup import CompiledNetwork
 from autoseg.training.steps import train_step
 
@@ -227,10 +227,6 @@ def physical_limit(check: Check) -> dict[str, Any]:
     return {"rows": rows}
 
 
-def _precision(amp: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
-
-
 def flop(value: float) -> str:
     """FLOPs (or FLOP/s without the "/s") in a readable unit."""
     for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
@@ -251,7 +247,7 @@ def _matmul_row(check: Check, amp: torch.dtype | None) -> dict[str, Any]:
     seconds, _, _ = per_call(check, lambda: a @ b, **_rate_timing(check))
     rate = 2.0 * size**3 / seconds
     check.state["matmul_rate"] = rate
-    return row(f"{_precision(amp)} matmul {size}^3", f"{flop(rate)}/s", "", flop_per_s=rate)
+    return row(f"{precision_name(amp)} matmul {size}^3", f"{flop(rate)}/s", "", flop_per_s=rate)
 
 
 def _conv_rate(check: Check, case: PlanCase, amp: torch.dtype | None) -> float:

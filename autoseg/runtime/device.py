@@ -88,11 +88,16 @@ def precision_dtype(device: Any, precision: str = "auto", *, purpose: str = "pre
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def arithmetic_name(dtype: Any) -> str:
-    """The log's word for an autocast dtype of precision_dtype: fp32 (None), bf16 or fp16 autocast."""
+def precision_name(dtype: Any) -> str:
+    """The `--precision` word for an autocast dtype of precision_dtype: fp32 (None), bf16 or fp16."""
     import torch
 
-    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(dtype, str(dtype))
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def arithmetic_name(dtype: Any) -> str:
+    """The training log's words for an autocast dtype: fp32, bf16 autocast or fp16 autocast."""
+    return precision_name(dtype) + ("" if dtype is None else " autocast")
 
 
 def cpu_auto_is_bf16(purpose: str = "predict") -> bool:
