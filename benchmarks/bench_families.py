@@ -55,10 +55,14 @@ RSS_WRAPPER = ("import resource, subprocess, sys; code = subprocess.call(sys.arg
 
 def autoseg(*arguments: str, env: dict[str, str], measure_rss: bool = False) -> tuple[float, float | None]:
     """Run `autoseg ARGUMENTS` (check=True); (wall seconds, peak RSS GiB of the command or None)."""
-    command = [sys.executable, "-m", "autoseg", *arguments]
+    print("autoseg " + " ".join(arguments), flush=True)
+    return measured([sys.executable, "-m", "autoseg", *arguments], env=env, measure_rss=measure_rss)
+
+
+def measured(command: list[str], env: dict[str, str], measure_rss: bool = True) -> tuple[float, float | None]:
+    """Run COMMAND (exit on failure); (wall seconds, peak RSS GiB of its largest process, or None)."""
     if measure_rss:
         command = [sys.executable, "-c", RSS_WRAPPER, *command]
-    print("autoseg " + " ".join(arguments), flush=True)
     started = time.perf_counter()
     result = subprocess.run(command, env=env, stderr=subprocess.PIPE if measure_rss else None, text=True)
     seconds = time.perf_counter() - started

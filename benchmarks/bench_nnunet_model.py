@@ -117,17 +117,19 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return dice_score(confusion_counts(a, b))
 
 
-def agreement(outputs: dict[str, Path], cases: list[str], raw: Path, classes: int) -> dict:
+def agreement(outputs: dict[str, Path], cases: list[str], truth_folder: Path, image_folder: Path,
+              classes: int) -> dict:
     """Per tool: voxels differing from nnU-Net's labels, Dice with nnU-Net's and with the ground truth per class
-    (mean over cases), and whether every output's geometry equals its input's."""
+    (mean over cases), and whether every output's geometry equals its input's. TRUTH_FOLDER holds CASE.nii.gz,
+    IMAGE_FOLDER CASE_0000.nii.gz."""
     from autoseg.io.readers import read_header, read_label
 
     stats = {tool: {"differing": 0, "differing_from_autoseg": 0, "between": [[] for _ in range(classes)],
                     "truth": [[] for _ in range(classes)], "geometry_ok": True} for tool in outputs}
     voxels = 0
     for case in cases:
-        reference, _ = read_label(raw / DATASET / "labelsTr" / f"{case}.nii.gz")
-        image_geometry, _ = read_header(raw / DATASET / "imagesTr" / f"{case}_0000.nii.gz")
+        reference, _ = read_label(truth_folder / f"{case}.nii.gz")
+        image_geometry, _ = read_header(image_folder / f"{case}_0000.nii.gz")
         labels = {tool: read_label(folder / f"{case}.nii.gz") for tool, folder in outputs.items()}
         voxels += reference.size
         for tool, (label, geometry) in labels.items():
@@ -160,11 +162,19 @@ def run_compare(args: argparse.Namespace) -> None:
                 seconds[tool].append(timed(commands(args, inputs, outputs[tool], tool, tta), env))
         result = {"task": "compare", "tta": tta, "cases": len(cases), "rounds": args.rounds,
                   "variants": args.variants, "seconds": {t: [round(s, 1) for s in v] for t, v in seconds.items()},
-                  **agreement(outputs, cases, args.raw, classes), "cpu": cpu_name()}
+                  **agreement(outputs, cases, args.raw / DATASET / "labelsTr", inputs, classes), "cpu": cpu_name()}
         print(json.dumps(result), flush=True)
-        with args.out.open("a") as handle:
-            handle.write(json.dumps(result) + "\n")
-    print(table([json.loads(line) for line in args.out.read_text().splitlines()]))
+        append_line(args.out, result)
+    print(table(read_lines(args.out)))
+
+
+def append_line(path: Path, result: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(result) + "\n")
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def table(runs: list[dict]) -> str:
@@ -212,7 +222,7 @@ def main() -> None:
     elif args.task == "compare":
         run_compare(args)
     else:
-        print(table([json.loads(line) for line in args.out.read_text().splitlines()]))
+        print(table(read_lines(args.out)))
 
 
 if __name__ == "__main__":
