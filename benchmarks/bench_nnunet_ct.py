@@ -11,7 +11,8 @@ prepare  writes a synthetic labelled CT dataset in nnU-Net's raw layout (Dataset
          plan, narrower so that a run of the large scan fits in minutes); trains fold 0 with nnU-Net's own
          trainer for one epoch of --iterations iterations on the CPU (its final validation skipped). Skips what
          exists.
-compare  the test scan, file -> file, by `nnUNetv2_predict -device cpu` and by each autoseg variant
+compare  the test scan, file -> file, by `nnUNetv2_predict -device cpu`, with --monai by what a MONAI user
+         writes (monai_ct_predict.py: nnU-Net's network, `sliding_window_inference`), and by each autoseg variant
          (`autoseg predict -m <nnU-Net's model folder> -f 0 --device cpu FLAGS`), without and/or with mirroring
          TTA, each in a fresh process, one after the other. Every autoseg variant first predicts the warm-up
          scan, untimed, so that the model's conversion and an engine's export and compilation are cached, as on
@@ -44,6 +45,7 @@ TRAINER = "nnUNetTrainer_benchShort"
 SPACING = (1.5, 0.8, 0.8)  # mm, z y x
 TEST_CASE = "ct_test"
 WARMUP_CASE = "ct_warmup"
+TOOL_NAMES = {"nnunet": "nnUNetv2_predict", "monai": "MONAI sliding_window_inference, nnU-Net's network"}
 
 #: nnUNetv2_train / nnUNetv2_predict with one extra trainer: nnU-Net's own, one epoch of BENCH_ITERATIONS
 #: iterations, no final validation (a few minutes on 2 cores instead of hours). Both entry points are given
@@ -164,7 +166,10 @@ def run_prepare(args: argparse.Namespace) -> None:
 
 
 def command(args: argparse.Namespace, inputs: Path, output: Path, tool: str, tta: bool) -> list[str]:
-    """The command of one tool: "nnunet", or an autoseg variant."""
+    """The command of one tool: "nnunet", "monai" (monai_ct_predict.py in nnU-Net's venv), or an autoseg variant."""
+    if tool == "monai":
+        return [str(args.nnunet_bin / "python"), str(Path(__file__).with_name("monai_ct_predict.py")),
+                str(model_folder(args.work)), "0", str(inputs), str(output), *(["--tta"] if tta else [])]
     if tool == "nnunet":
         return [str(args.nnunet_bin / "python"), "-c", NNUNET_ENTRY, "predict", "-i", str(inputs), "-o", str(output),
                 "-d", "991", "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu",
@@ -176,13 +181,13 @@ def command(args: argparse.Namespace, inputs: Path, output: Path, tool: str, tta
 
 def run_compare(args: argparse.Namespace) -> None:
     env = nnunet_env(args.work)
-    tools = ["nnunet", *args.variants]
+    tools = ["nnunet", *(["monai"] if args.monai else []), *args.variants]
     for tta in args.tta:
         runs: dict[str, dict] = {}
         outputs = {tool: args.work / f"out_{tool.replace(' ', '_')}_{'tta' if tta else 'notta'}" for tool in tools}
         for tool in tools:
             first = None
-            if tool != "nnunet":
+            if tool not in ("nnunet", "monai"):
                 shutil.rmtree(args.work / "out_warmup", ignore_errors=True)
                 print("warm-up: " + " ".join(command(args, args.work / "warmup", args.work / "out_warmup", tool, tta)))
                 first = measured(command(args, args.work / "warmup", args.work / "out_warmup", tool, tta), env)
@@ -208,7 +213,7 @@ def table(results: list[dict]) -> str:
         reference = result["runs"]["nnunet"]["seconds"]
         for tool, run in result["runs"].items():
             row = result[tool]
-            name = "nnUNetv2_predict" if tool == "nnunet" else f"autoseg predict -m {result['variants'][tool]}".strip()
+            name = TOOL_NAMES.get(tool) or f"autoseg predict -m {result['variants'][tool]}".strip()
             warmup = "-" if run["warmup"] is None else f"{run['warmup']['seconds']}, {run['warmup']['peak_rss_gib']}"
             lines.append(
                 f"| {'8 flips' if result['tta'] else 'off'} | {name} | {run['seconds']} | "
@@ -233,6 +238,7 @@ def main() -> None:
     parser.add_argument("--tta", type=lambda s: s == "on", nargs="+", default=[False], help="on and/or off")
     parser.add_argument("--variants", type=variant, nargs="+", default=[("autoseg", "--precision fp32")],
                         help='autoseg runs as NAME=FLAGS (default: autoseg="--precision fp32")')
+    parser.add_argument("--monai", action="store_true", help="also the MONAI script (monai in nnU-Net's venv)")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines (default WORK/results.jsonl)")
     args = parser.parse_args()
     args.out = args.out or args.work / "results.jsonl"
