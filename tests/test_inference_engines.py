@@ -54,12 +54,15 @@ def engine_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 class PerturbedEngine(Engine):
-    """A test engine: torch itself plus `offset` on every logit; counts its compilations."""
+    """A test engine: torch itself plus `offset` on every logit; counts its compilations and releases."""
 
     name, module, distribution, needs_onnx = "perturbed", "torch", "torch", False
 
     def __init__(self, offset: float) -> None:
-        self.offset, self.compiled = offset, 0
+        self.offset, self.compiled, self.released = offset, 0, 0
+
+    def release(self) -> None:
+        self.released += 1
 
     def compile(self, network, onnx_path, spec, workdir):
         self.compiled += 1
@@ -68,7 +71,8 @@ class PerturbedEngine(Engine):
             with torch.inference_mode():
                 return network(torch.from_numpy(tiles)).numpy() + self.offset
 
-        return CompiledNetwork(run, engine=self.name, precision=spec.precision, static_batch=spec.tiles)
+        return CompiledNetwork(run, engine=self.name, precision=spec.precision, static_batch=spec.tiles,
+                               release=self.release)
 
 
 @pytest.fixture()
@@ -97,6 +101,32 @@ def test_engine_logits_equal_torchs_for_full_and_partial_batches(name: str) -> N
         assert actual.shape == expected.shape == (tiles, 3, *PATCH) and actual.dtype == torch.float32
         spread = float(expected.max() - expected.min())
         assert float((actual - expected).abs().max()) <= 1e-3 * max(1.0, spread)
+
+
+def test_openvino_runs_on_after_its_intermediate_memory_is_released() -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxscript")
+    network = tiny_network()
+    compiled = prepare_network(network, engine="openvino", spec=CompileSpec(patch=PATCH, in_channels=1), device=CPU)
+    x = torch.randn(1, 1, *PATCH)
+    before = compiled(x)
+    compiled.release_memory()
+    assert torch.equal(compiled(x), before)
+
+
+@pytest.mark.parametrize("threshold, releases", [(1, 1), (1 << 40, 0)])
+def test_the_predictor_releases_engine_memory_after_large_volumes_only(
+        perturbed: PerturbedEngine, example_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        threshold: int, releases: int) -> None:
+    from autoseg.inference import predictor as predictor_module
+
+    monkeypatch.setattr(predictor_module, "RELEASE_ENGINE_MEMORY_VOXELS", threshold)
+    model = make_model_folder(tmp_path / "models", example_dataset)
+    predictor = predictor_module.Predictor.from_folder(model.root, predictor_module.PredictOptions(
+        engine="perturbed", device="cpu", tta=False, precision="fp32"))
+    image = next((example_dataset / "imagesTs").glob("*_0000.nii.gz"))
+    prediction = predictor.predict_files([image])
+    assert prediction.labels.size > 0 and perturbed.released == releases
 
 
 def test_static_batches_are_padded_and_chunked() -> None:

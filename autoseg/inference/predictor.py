@@ -22,7 +22,7 @@ from torch import nn
 from autoseg.dataset.contract import Dataset
 from autoseg.dataset.load import read_dataset_json
 from autoseg.errors import SettingsError
-from autoseg.inference.engines import CompileSpec, prepare_network
+from autoseg.inference.engines import CompiledNetwork, CompileSpec, prepare_network
 from autoseg.inference.export import LabelSemantics, restore_prediction
 from autoseg.inference.probability_file import ProbabilityFile, save_probabilities_file
 from autoseg.inference.sliding import WindowSettings, sliding_window_logits, sliding_window_slabs
@@ -60,6 +60,12 @@ class Prediction:
 #: Input voxels of one network call up to which mirrored copies are stacked on the CPU (a 40x56x40 patch:
 #: all 8 copies in one call; 128^3: one copy a call). Measured in docs/benchmarks.md ("mirrors per call").
 CPU_CALL_VOXELS = 1 << 20
+
+#: Volumes (voxels on the network's grid) from which on an engine's intermediate buffers are freed after the
+#: last tile: the last rows' logits and the export cannot reuse an engine's pool (CompiledNetwork.release_memory),
+#: and allocating it again costs milliseconds, negligible beside the minutes of a volume this large (256^3).
+RELEASE_ENGINE_MEMORY_VOXELS = 1 << 24
+
 
 @dataclass(frozen=True)
 class PredictOptions:
@@ -164,10 +170,12 @@ class Predictor:
         """Image channels of a scan (a cascade's previous-stage channels come on top)."""
         return len(self.plans.channel_names)
 
-    def predict_logits(self, data: np.ndarray) -> np.ndarray:
-        """Mean logits (classes, z, y, x) over folds and mirrors for a preprocessed volume (c, z, y, x)."""
+    def predict_logits(self, data: np.ndarray, *, release_engines: bool = False) -> np.ndarray:
+        """Mean logits (classes, z, y, x) over folds and mirrors for a preprocessed volume (c, z, y, x);
+        `release_engines`: free an engine's buffers after the last tile (release_engine_memory)."""
         logits = sliding_window_logits(self.networks, data, self.window, num_classes=self.plans.num_classes,
-                                       device=self.device, amp=self.amp)
+                                       device=self.device, amp=self.amp,
+                                       after_last_call=self.release_engine_memory if release_engines else None)
         return logits.numpy()
 
     def predict_preprocessed(self, data: np.ndarray, properties: CaseProperties, *,
@@ -180,8 +188,9 @@ class Predictor:
         probabilities_file: write them to this CASE.npz instead, a few rows at a time.
         """
         data = self._with_previous(data, previous)
+        release = int(np.prod(data.shape[1:])) >= RELEASE_ENGINE_MEMORY_VOXELS
         if with_probabilities or not streamed_export_is_exact(data.shape[1:], properties, self.config):
-            return self._predict_whole_volume(data, properties, with_probabilities, probabilities_file)
+            return self._predict_whole_volume(data, properties, with_probabilities, probabilities_file, release)
         sink = None if probabilities_file is None else ProbabilityFile(
             probabilities_file, properties, plans=self.plans, classes=self.plans.num_classes,
             background_outside=not self.semantics.is_regions)
@@ -189,7 +198,8 @@ class Predictor:
             labels = StreamedLabels(data.shape[1:], properties, plans=self.plans, config=self.config,
                                     semantics=self.semantics, num_classes=self.plans.num_classes, probabilities=sink)
             for slab in sliding_window_slabs(self.networks, data, self.window, num_classes=self.plans.num_classes,
-                                             device=self.device, amp=self.amp):
+                                             device=self.device, amp=self.amp,
+                                             after_last_call=self.release_engine_memory if release else None):
                 labels.add(slab.start, slab.logits.numpy())
             return Prediction(labels=labels.finish(), geometry=properties.geometry)
         finally:
@@ -197,10 +207,10 @@ class Predictor:
                 sink.close()
 
     def _predict_whole_volume(self, data: np.ndarray, properties: CaseProperties, with_probabilities: bool,
-                              probabilities_file: Path | None) -> Prediction:
+                              probabilities_file: Path | None, release: bool) -> Prediction:
         """The logits of the whole volume at once: for probabilities asked as an array, and for plans whose
         export cannot go row by row (streamed_export_is_exact)."""
-        logits = self.predict_logits(data)
+        logits = self.predict_logits(data, release_engines=release)
         want = with_probabilities or probabilities_file is not None
         restored, probabilities = restore_prediction(logits, properties, plans=self.plans, config=self.config,
                                                      semantics=self.semantics, with_probabilities=want)
@@ -208,6 +218,12 @@ class Predictor:
             save_probabilities_file(probabilities_file, probabilities)
             probabilities = None
         return Prediction(labels=restored, geometry=properties.geometry, probabilities=probabilities)
+
+    def release_engine_memory(self) -> None:
+        """Free the intermediate buffers of the networks compiled by an engine (torch's need nothing)."""
+        for network in self.networks:
+            if isinstance(network, CompiledNetwork):
+                network.release_memory()
 
     def predict(self, images: np.ndarray, *, geometry: Geometry | None = None,
                 spacing: Sequence[float] | None = None, previous: np.ndarray | None = None,

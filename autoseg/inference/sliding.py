@@ -9,7 +9,7 @@ to CPU memory for huge volumes instead of failing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,11 +55,12 @@ class WindowSettings:
 
 def sliding_window_logits(
     networks: Sequence[nn.Module], data: np.ndarray, settings: WindowSettings, *, num_classes: int,
-    device: torch.device, amp: torch.dtype | None = None,
+    device: torch.device, amp: torch.dtype | None = None, after_last_call: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Mean logits (num_classes, *data.shape[1:]) float32 on the CPU for a volume (c, *spatial)."""
     logits = torch.empty((num_classes, *data.shape[1:]), dtype=torch.float32)
-    for slab in sliding_window_slabs(networks, data, settings, num_classes=num_classes, device=device, amp=amp):
+    for slab in sliding_window_slabs(networks, data, settings, num_classes=num_classes, device=device, amp=amp,
+                                     after_last_call=after_last_call):
         logits[:, slab.start:slab.stop] = slab.logits
     return logits
 
@@ -76,9 +77,11 @@ class Slab:
 
 def sliding_window_slabs(
     networks: Sequence[nn.Module], data: np.ndarray, settings: WindowSettings, *, num_classes: int,
-    device: torch.device, amp: torch.dtype | None = None,
+    device: torch.device, amp: torch.dtype | None = None, after_last_call: Callable[[], None] | None = None,
 ) -> Iterator[Slab]:
     """The sliding window's mean logits of a volume (c, *spatial), slab by slab along the first axis.
+    `after_last_call` runs once the networks have seen every tile, before the last rows are handed out (the
+    predictor frees an engine's buffers there: the last rows come at once, see CompiledNetwork.release_memory).
 
     Tiles run in C order, so once every tile starting at or before a row is added, no later tile
     touches that row: it is divided by its weight sum and handed out. The logit sum is kept only for
@@ -111,6 +114,8 @@ def sliding_window_slabs(
                                     per_network=outputs.per_network, mirrors_per_call=settings.mirrors_per_call)
             for tile, box in zip(mean.to(ring.device), batch_boxes):
                 ring.add(tile, box)
+        if after_last_call is not None:
+            after_last_call()
         yield from ring.finish_rows_before(padded.shape[1])
 
 

@@ -104,11 +104,21 @@ class CompiledNetwork(nn.Module):
 
     static_batch: the model was compiled for exactly this many tiles; a smaller batch (the last of a
     volume) is padded with zeros and the extra outputs dropped, a larger one is run in chunks.
+    release: hands the engine's intermediate buffers back to the system (None: the engine has no such call).
     """
 
-    def __init__(self, runner: Runner, *, engine: str, precision: str, static_batch: int | None = None) -> None:
+    def __init__(self, runner: Runner, *, engine: str, precision: str, static_batch: int | None = None,
+                 release: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.runner, self.engine, self.precision, self.static_batch = runner, engine, precision, static_batch
+        self.release = release
+
+    def release_memory(self) -> None:
+        """Free the engine's buffers for intermediate results; the next call allocates them again. Worth it
+        after a large volume: an engine keeps them in its own pool, which what follows (the export of the
+        labels) cannot reuse, whereas torch's freed activations go back to the heap that the export draws on."""
+        if self.release is not None:
+            self.release()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":

@@ -46,7 +46,8 @@ class OpenVinoEngine(Engine):
             request.infer({0: tiles})
             return request.get_output_tensor(0).data  # a view of the request's buffer: the caller copies it
 
-        return CompiledNetwork(run, engine=self.name, precision=spec.precision, static_batch=spec.tiles)
+        return CompiledNetwork(run, engine=self.name, precision=spec.precision, static_batch=spec.tiles,
+                               release=compiled.release_memory)
 
 
 ENGINES.register("openvino")(OpenVinoEngine())
