@@ -170,12 +170,11 @@ class Predictor:
         """Image channels of a scan (a cascade's previous-stage channels come on top)."""
         return len(self.plans.channel_names)
 
-    def predict_logits(self, data: np.ndarray, *, release_engines: bool = False) -> np.ndarray:
+    def predict_logits(self, data: np.ndarray, *, after_last_call: Callable[[], None] | None = None) -> np.ndarray:
         """Mean logits (classes, z, y, x) over folds and mirrors for a preprocessed volume (c, z, y, x);
-        `release_engines`: free an engine's buffers after the last tile (release_engine_memory)."""
+        `after_last_call` runs once every tile has been through the networks (see _release_after_window)."""
         logits = sliding_window_logits(self.networks, data, self.window, num_classes=self.plans.num_classes,
-                                       device=self.device, amp=self.amp,
-                                       after_last_call=self.release_engine_memory if release_engines else None)
+                                       device=self.device, amp=self.amp, after_last_call=after_last_call)
         return logits.numpy()
 
     def predict_preprocessed(self, data: np.ndarray, properties: CaseProperties, *,
@@ -188,7 +187,7 @@ class Predictor:
         probabilities_file: write them to this CASE.npz instead, a few rows at a time.
         """
         data = self._with_previous(data, previous)
-        release = int(np.prod(data.shape[1:])) >= RELEASE_ENGINE_MEMORY_VOXELS
+        release = self._release_after_window(data)
         if with_probabilities or not streamed_export_is_exact(data.shape[1:], properties, self.config):
             return self._predict_whole_volume(data, properties, with_probabilities, probabilities_file, release)
         sink = None if probabilities_file is None else ProbabilityFile(
@@ -198,8 +197,7 @@ class Predictor:
             labels = StreamedLabels(data.shape[1:], properties, plans=self.plans, config=self.config,
                                     semantics=self.semantics, num_classes=self.plans.num_classes, probabilities=sink)
             for slab in sliding_window_slabs(self.networks, data, self.window, num_classes=self.plans.num_classes,
-                                             device=self.device, amp=self.amp,
-                                             after_last_call=self.release_engine_memory if release else None):
+                                             device=self.device, amp=self.amp, after_last_call=release):
                 labels.add(slab.start, slab.logits.numpy())
             return Prediction(labels=labels.finish(), geometry=properties.geometry)
         finally:
@@ -207,10 +205,10 @@ class Predictor:
                 sink.close()
 
     def _predict_whole_volume(self, data: np.ndarray, properties: CaseProperties, with_probabilities: bool,
-                              probabilities_file: Path | None, release: bool) -> Prediction:
+                              probabilities_file: Path | None, release: Callable[[], None] | None) -> Prediction:
         """The logits of the whole volume at once: for probabilities asked as an array, and for plans whose
         export cannot go row by row (streamed_export_is_exact)."""
-        logits = self.predict_logits(data, release_engines=release)
+        logits = self.predict_logits(data, after_last_call=release)
         want = with_probabilities or probabilities_file is not None
         restored, probabilities = restore_prediction(logits, properties, plans=self.plans, config=self.config,
                                                      semantics=self.semantics, with_probabilities=want)
@@ -218,6 +216,11 @@ class Predictor:
             save_probabilities_file(probabilities_file, probabilities)
             probabilities = None
         return Prediction(labels=restored, geometry=properties.geometry, probabilities=probabilities)
+
+    def _release_after_window(self, data: np.ndarray) -> Callable[[], None] | None:
+        """What frees the engines' buffers after the last tile of a volume (c, z, y, x) of at least
+        RELEASE_ENGINE_MEMORY_VOXELS; None for smaller ones, whose next case reuses the buffers."""
+        return self.release_engine_memory if int(np.prod(data.shape[1:])) >= RELEASE_ENGINE_MEMORY_VOXELS else None
 
     def release_engine_memory(self) -> None:
         """Free the intermediate buffers of the networks compiled by an engine (torch's need nothing)."""
