@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_families import cpu_name, measured
-from bench_nnunet_model import agreement, append_line, read_lines, variant
+from bench_nnunet_model import agreement, append_line, percent, read_lines, variant
 
 DATASET = "Dataset991_SynthCT"
 TRAINER = "nnUNetTrainer_benchShort"
@@ -219,7 +219,7 @@ def table(results: list[dict]) -> str:
                 f"| {'8 flips' if result['tta'] else 'off'} | {name} | {run['seconds']} | "
                 f"**{reference / run['seconds']:.2f}x** | {run['peak_rss_gib']} | {row['voxels_differing']:,} of "
                 f"{result['voxels']:,} | {100 * row['agreement']:.3f} % | "
-                f"{100 * row['agreement_with_autoseg']:.3f} % | "
+                f"{percent(row['agreement_with_autoseg'])} | "
                 f"{' / '.join(map(str, row['dice_vs_truth']))} | {'yes' if row['geometry_equals_input'] else 'NO'} | "
                 f"{warmup} |")
     return "\n".join(lines)

@@ -143,7 +143,8 @@ def agreement(outputs: dict[str, Path], cases: list[str], truth_folder: Path, im
                 entry["truth"][c - 1].append(dice(label == c, reference == c))
     mean = lambda values: [round(float(np.nanmean(v)), 4) for v in values]  # noqa: E731
     return {"voxels": voxels, **{tool: {"voxels_differing": e["differing"], "agreement": 1 - e["differing"] / voxels,
-                                        "agreement_with_autoseg": 1 - e["differing_from_autoseg"] / voxels,
+                                        "agreement_with_autoseg": (1 - e["differing_from_autoseg"] / voxels
+                                                                   if "autoseg" in outputs else None),
                                         "dice_with_nnunet": mean(e["between"]), "dice_vs_truth": mean(e["truth"]),
                                         "geometry_equals_input": e["geometry_ok"]} for tool, e in stats.items()}}
 
@@ -173,6 +174,11 @@ def append_line(path: Path, result: dict) -> None:
         handle.write(json.dumps(result) + "\n")
 
 
+def percent(fraction: float | None) -> str:
+    """A fraction as a table cell; "-" where it was not measured (no torch fp32 run named "autoseg")."""
+    return "-" if fraction is None else f"{100 * fraction:.3f} %"
+
+
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -189,7 +195,7 @@ def table(runs: list[dict]) -> str:
             lines.append(
                 f"| {'8 flips' if run['tta'] else 'off'} | {run['cases']} | {name} | {', '.join(map(str, seconds))} "
                 f"| **{best_nnunet / min(seconds):.2f}x** | {row['voxels_differing']:,} of {run['voxels']:,} | "
-                f"{100 * row['agreement']:.3f} % | {100 * row.get('agreement_with_autoseg', 1):.3f} % | "
+                f"{100 * row['agreement']:.3f} % | {percent(row.get('agreement_with_autoseg', 1))} | "
                 f"{' / '.join(map(str, row['dice_with_nnunet']))} | "
                 f"{' / '.join(map(str, row['dice_vs_truth']))} | {'yes' if row['geometry_equals_input'] else 'NO'} |")
     return "\n".join(lines)
