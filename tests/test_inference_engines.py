@@ -155,15 +155,18 @@ def test_auto_falls_back_to_torch_when_an_engine_disagrees(perturbed: PerturbedE
 
 def test_auto_takes_a_verified_engine_and_remembers_the_verdict(perturbed: PerturbedEngine, engine_cache: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[bool] = []
+    monkeypatch.setattr(engine_select, "return_freed_memory", lambda: trims.append(True) or True)
     network, spec = tiny_network(), CompileSpec(patch=PATCH, in_channels=1)
     perturbed.offset = 1e-6
     chosen = prepare_network(network, engine="auto", spec=spec, device=CPU)
+    assert len(trims) == 1  # the one-off export / reference forward's memory is handed back
     assert isinstance(chosen, CompiledNetwork) and chosen.engine == "perturbed"
     entry = CacheEntry(ModelKey.of(network, spec), root=engine_cache)
     verdict = entry.verdict(f"perturbed-{perturbed.version()}-fp32-tiles1")
     assert verdict is not None and verdict["ok"] and verdict["max_abs_diff"] <= verdict["tolerance"]
     assert prepare_network(network, engine="auto", spec=spec, device=CPU) is chosen  # compiled once per process
-    assert perturbed.compiled == 1
+    assert perturbed.compiled == 1 and len(trims) == 1
     clear_compiled()  # a new process: compiles again, but the stored verdict spares the comparison
 
     def fail(*args, **kwargs):

@@ -54,3 +54,37 @@ def test_unknown_precision_and_the_older_flags() -> None:
     assert amp_dtype(CPU) is None and amp_dtype(CPU, cpu_bf16=True) is torch.bfloat16
     assert amp_dtype(CPU, enabled=False, cpu_bf16=False) is None
     assert precision_dtype(torch.device("meta"), "bf16") is None  # no autocast where it does not apply
+
+
+def _resident_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_freed_memory_kept_for_reuse_goes_back_to_the_os_when_asked() -> None:
+    """keep_freed_memory keeps a freed 256 MiB block resident; return_freed_memory hands it back (the engine
+    cache's one-off export and torch reference forward, issue 16)."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    from autoseg.runtime.device import keep_freed_memory, return_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert keep_freed_memory()
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 256 * 2**20
+    before = _resident_bytes()
+    block = libc.malloc(size)
+    assert block
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    kept = _resident_bytes()
+    assert kept - before > size // 2  # still resident: the heap keeps it for the next allocation
+    assert return_freed_memory()
+    assert kept - _resident_bytes() > size // 2

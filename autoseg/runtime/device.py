@@ -181,6 +181,23 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def return_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS now (glibc malloc_trim), whatever keep_freed_memory set.
+
+    For one-off work whose freed memory the rest of the run will not reuse: the torch export and the
+    verification forward that fill the engine cache, after which an engine allocates its own pool.
+    Returns False where it does not apply (not glibc) or nothing was returned.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    return malloc_trim(ctypes.c_size_t(0)) == 1
+
+
 def peak_memory(device: Any) -> tuple[float, str]:
     """(GiB, kind) of this process's peak memory so far: on CUDA the tensors torch allocated on `device`
     (`cuda_allocated`, what the planner's estimate predicts), elsewhere the resident set (`cpu_rss`,

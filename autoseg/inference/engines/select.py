@@ -23,6 +23,7 @@ from autoseg.inference.engines.base import ENGINES, CompileSpec, Engine, EngineE
 from autoseg.inference.engines.cache import CACHE_VARIABLE, CacheEntry, ModelKey
 from autoseg.inference.engines.verify import Verification, verdict_name, verify
 from autoseg.log import get_logger
+from autoseg.runtime.device import return_freed_memory
 
 log = get_logger("inference")
 
@@ -119,7 +120,8 @@ def _compiled_and_verified(engine: Engine, network: nn.Module, spec: CompileSpec
     entry = CacheEntry(ModelKey.of(network, spec, checkpoint=checkpoint))
     version = engine.version()
     memo = (entry.key.digest(), engine.name, version, spec)
-    if memo not in _compiled:
+    first_in_process = memo not in _compiled
+    if first_in_process:
         onnx_path = _exported(network, spec, entry, checkpoint) if engine.needs_onnx else None
         try:
             _compiled[memo] = engine.compile(network, onnx_path, spec, entry.workdir(engine.name))
@@ -142,6 +144,8 @@ def _compiled_and_verified(engine: Engine, network: nn.Module, spec: CompileSpec
             entry.record_verdict(name, verification.to_record())
         except OSError as err:  # the verdict is only a shortcut for later runs
             log.warning("could not store the %s engine's verification in %s (%s)", engine.name, entry.path, err)
+    if first_in_process:
+        return_freed_memory()  # the export's and the torch reference's buffers: the engine has its own pool
     return compiled, verification
 
 
