@@ -67,24 +67,22 @@ def test_freed_memory_kept_for_reuse_goes_back_to_the_os_when_asked() -> None:
     """keep_freed_memory keeps a freed 256 MiB block resident; return_freed_memory hands it back (the engine
     cache's one-off export and torch reference forward, issue 16)."""
     import ctypes
-    import ctypes.util
     import platform
 
-    from autoseg.runtime.device import keep_freed_memory, return_freed_memory
+    from autoseg.runtime.device import _glibc_function, keep_freed_memory, return_freed_memory
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
     assert keep_freed_memory()
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
+    malloc, free = _glibc_function("malloc"), _glibc_function("free")
+    malloc.restype, malloc.argtypes, free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
     size = 256 * 2**20
     return_freed_memory()  # free pages left by earlier tests would serve the block without growing the RSS
     before = _resident_bytes()
-    block = libc.malloc(size)
+    block = malloc(size)
     assert block
     ctypes.memset(block, 1, size)
-    libc.free(block)
+    free(block)
     kept = _resident_bytes()
     assert kept - before > size // 2  # still resident: the heap keeps it for the next allocation
     assert return_freed_memory()

@@ -157,6 +157,17 @@ def configure_threads(device: Any) -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+def _glibc_function(name: str) -> Any:
+    """The C library's function `name` (a ctypes callable), or None where there is none (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Stop glibc from handing large freed blocks back to the OS after every tensor.
 
@@ -167,12 +178,9 @@ def keep_freed_memory() -> bool:
     it does not apply (not glibc).
     """
     import ctypes
-    import ctypes.util
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     ok = mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)) == 1
     ok = mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(2**31 - 1)) == 1 and ok
@@ -189,13 +197,9 @@ def return_freed_memory() -> bool:
     Returns False where it does not apply (not glibc) or nothing was returned.
     """
     import ctypes
-    import ctypes.util
 
-    try:
-        malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return malloc_trim(ctypes.c_size_t(0)) == 1
+    malloc_trim = _glibc_function("malloc_trim")
+    return malloc_trim is not None and malloc_trim(ctypes.c_size_t(0)) == 1
 
 
 def peak_memory(device: Any) -> tuple[float, str]:
